@@ -1,0 +1,102 @@
+"""The command line: `samplerbench run | list | report`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from importlib import resources
+from pathlib import Path
+
+from bench.errors import BenchError
+
+EXIT_FAILED_CELLS = 1
+EXIT_BAD_INPUT = 2
+
+
+def default_suite() -> Path:
+    return Path(str(resources.files("bench") / "suites" / "quick.toml"))
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+    from bench.runner import run_suite
+    from bench.store import read_results
+    from bench.suite import load_suite
+
+    suite = load_suite(args.suite or default_suite(), device=args.device)
+    summary = run_suite(suite, args.out, progress=not args.quiet)
+    report_path = Path(args.report) if args.report else Path("reports") / f"{suite.name}.html"
+    write_report(read_results(summary.store), report_path, title=f"samplerbench: {suite.name}",
+                 provenance=_provenance(summary.store, suite_path=str(suite.path)))
+    print(f"{summary.done} cells done, {summary.failed} failed, {summary.skipped} already done; "
+          f"results in {summary.store}, report in {report_path}")
+    return EXIT_FAILED_CELLS if summary.failed else 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from bench.registry import manager
+
+    plugins = manager()
+    for info in plugins.plugins():
+        print(f"{info.name}  [{info.source}]")
+        for entry in info.registered:
+            aliases = f" (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
+            print(f"    {entry.kind:<9}{entry.name}{aliases}")
+    for name, error in sorted(plugins.failed.items()):
+        print(f"{name}  [failed to load: {error}]")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+    from bench.store import read_results
+
+    results = Path(args.results)
+    out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.html"
+    write_report(read_results(results), out, title=f"samplerbench: {results.stem}", provenance=_provenance(results))
+    print(f"report in {out}")
+    return 0
+
+
+def _provenance(store: Path, suite_path: str | None = None) -> dict[str, str]:
+    from bench.runner import git_sha
+
+    provenance = {"results": str(store), "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "report code": git_sha() or "unknown"}
+    if suite_path:
+        provenance["suite file"] = suite_path
+    return provenance
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="samplerbench", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a suite (default: the packaged quick suite)")
+    run.add_argument("suite", nargs="?", help="suite TOML file")
+    run.add_argument("--device", choices=["cpu", "cuda"], help="override the suite's device")
+    run.add_argument("--executor", choices=["local"], default="local", help="where cells run")
+    run.add_argument("--out", default="results", help="directory of the results store (default: results/)")
+    run.add_argument("--report", help="HTML report path (default: reports/<suite>.html)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=command_run)
+    listing = commands.add_parser("list", help="plugins and what each registered")
+    listing.set_defaults(handler=command_list)
+    report = commands.add_parser("report", help="write the HTML report of a results store")
+    report.add_argument("results", help="results/<suite>.sqlite")
+    report.add_argument("-o", "--output", help="HTML path (default: reports/<store name>.html)")
+    report.set_defaults(handler=command_report)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except BenchError as error:
+        print(f"samplerbench: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The reference solution of the probability-flow ODE, against which trajectory errors are measured.
+
+The ODE dx/dsigma = (x - D(x; sigma)) / sigma is solved in u = log sigma, where it reads dx/du = x - D(x; e^u) and
+is smooth over the whole range, by torchdiffeq's adaptive Dormand-Prince 5(4) in float64 with rtol = atol = 1e-10.
+Adaptive steps matter: the flow changes fast only where samples choose their mode, and a fixed-step RK4 needs
+~20x more calls for the same accuracy (tests/test_reference.py checks the two agree). It ends like every solver:
+x0 = D(x(sigma_min); sigma_min).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+import torchdiffeq
+from torch import Tensor
+
+from bench.denoiser import CountingDenoiser
+
+REFERENCE_TOLERANCE = 1e-10
+
+
+def solve_reference(model, x_T: Tensor, cond: Tensor | None = None, *, sigma_max: float | None = None,
+                    sigma_min: float | None = None, tolerance: float = REFERENCE_TOLERANCE) -> Tensor:
+    """x0 reached from x_T (at sigma_max) along the exact flow, in float64."""
+    sigma_max = model.sigma_max if sigma_max is None else sigma_max
+    sigma_min = model.sigma_min if sigma_min is None else sigma_min
+    denoise = CountingDenoiser(model, cond)
+    x_T = x_T.to(torch.float64)
+
+    def velocity(u: Tensor, x: Tensor) -> Tensor:
+        return x - denoise(x, u.exp())
+
+    log_sigmas = torch.tensor([math.log(sigma_max), math.log(sigma_min)], dtype=torch.float64, device=x_T.device)
+    with torch.inference_mode():
+        x_sigma_min = torchdiffeq.odeint(velocity, x_T, log_sigmas, method="dopri5", rtol=tolerance,
+                                         atol=tolerance)[-1]
+        return denoise(x_sigma_min, sigma_min)
+
+
+class ReferenceCache:
+    """Reference solutions kept in memory and, given a directory, on disk as safetensors, keyed by model,
+    seed, sample indices, labels and sigma range."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._memory: dict[str, Tensor] = {}
+
+    @staticmethod
+    def key(model_id: str, seed: int, n: int, labels: Tensor | None, sigma_max: float, sigma_min: float) -> str:
+        digest = hashlib.sha256(f"{model_id}|{seed}|{n}|{sigma_max!r}|{sigma_min!r}|".encode())
+        if labels is not None:
+            digest.update(labels.cpu().to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def get(self, model, model_id: str, seed: int, x_T: Tensor, labels: Tensor | None) -> Tensor:
+        key = self.key(model_id, seed, len(x_T), labels, model.sigma_max, model.sigma_min)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.directory / f"reference-{key}.safetensors" if self.directory else None
+        if path is not None and path.exists():
+            from safetensors.torch import load_file
+
+            reference = load_file(path)["x0"].to(x_T.device)
+        else:
+            cond = labels.to(x_T.device) if labels is not None else None
+            reference = solve_reference(model, x_T, cond)
+            if path is not None:
+                from safetensors.torch import save_file
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(".tmp")
+                save_file({"x0": reference.cpu().contiguous()}, temporary)
+                temporary.replace(path)
+        self._memory[key] = reference
+        return reference

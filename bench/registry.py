@@ -1,0 +1,151 @@
+"""The plugin manager: loads plugins from entry points and keeps what each one registered.
+
+Built-ins are found exactly as a third-party package's plugins are, through the "samplerbench" entry-point group.
+A plugin that fails to import is recorded by its entry-point name and skipped; the others still load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from bench import hookspecs
+from bench.errors import BenchError, unknown_name
+
+ENTRY_POINT_GROUP = "samplerbench"
+
+# hook name -> the singular noun used in messages and by `get(kind, name)`
+KINDS = {
+    "register_solvers": "solver",
+    "register_schedules": "schedule",
+    "register_models": "model",
+    "register_metrics": "metric",
+}
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str
+    name: str
+    obj: Any
+    aliases: tuple[str, ...]
+    plugin: str
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "samplerbench 0.1.0 (plugins.euler)", or "registered at run time (module)"
+    registered: list[Registration] = field(default_factory=list)
+
+
+class PluginManager:
+    """A pluggy manager plus the registries built from its hooks, rebuilt whenever a plugin comes or goes."""
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self._pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self._pm.add_hookspecs(hookspecs)
+        self._sources: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # entry-point name -> the error it raised on import
+        self._lock = threading.Lock()
+        self._registries: dict[str, dict[str, Registration]] | None = None
+        self._plugins: dict[str, PluginInfo] = {}
+        if load_entry_points:
+            self.load_entry_points()
+
+    def load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self._pm.get_plugin(ep.name) is not None or ep.name in self.failed:
+                continue
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
+            try:
+                module = ep.load()
+            except Exception as error:  # a broken plugin must not take the others down
+                self.failed[ep.name] = f"{type(error).__name__}: {error}"
+                self._sources[ep.name] = f"{dist} ({ep.value})"
+                continue
+            self._pm.register(module, name=ep.name)
+            self._sources[ep.name] = f"{dist} ({ep.value})"
+        self._registries = None
+
+    def register(self, plugin: Any, name: str | None = None) -> str:
+        """Register a plugin object (a module or any object with hookimpls) at run time."""
+        name = self._pm.register(plugin, name=name)
+        if name is None:
+            raise BenchError(f"plugin {plugin!r} is already registered")
+        self._sources[name] = f"registered at run time ({getattr(plugin, '__name__', type(plugin).__name__)})"
+        self._registries = None
+        return name
+
+    def unregister(self, name: str) -> None:
+        self._pm.unregister(name=name)
+        self._sources.pop(name, None)
+        self._registries = None
+
+    def _build(self) -> dict[str, dict[str, Registration]]:
+        with self._lock:
+            if self._registries is not None:
+                return self._registries
+            registries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS.values()}
+            plugins = {name: PluginInfo(name, self._sources.get(name, "?")) for name, _ in self._pm.list_name_plugin()}
+            for hook_name, kind in KINDS.items():
+                caller = getattr(self._pm.hook, hook_name)
+                # one call per implementation, so that every registration knows the plugin it came from
+                for impl in reversed(caller.get_hookimpls()):
+                    names = registries[kind]
+
+                    def register(obj: Any, name: str, aliases: tuple[str, ...] | list[str] = (),
+                                 _plugin: str = impl.plugin_name, _kind: str = kind, _names=names) -> None:
+                        entry = Registration(_kind, name, obj, tuple(aliases), _plugin)
+                        for key in (name, *entry.aliases):
+                            if key in _names:
+                                other = _names[key].plugin
+                                raise BenchError(
+                                    f"{_kind} {key!r} is registered twice: by plugin {other!r} "
+                                    f"({self._sources.get(other, '?')}) and by plugin {_plugin!r} "
+                                    f"({self._sources.get(_plugin, '?')}); uninstall or rename one of them"
+                                )
+                            _names[key] = entry
+                        plugins[_plugin].registered.append(entry)
+
+                    arguments = {"register": register}
+                    impl.function(**{arg: arguments[arg] for arg in impl.argnames})
+            self._plugins = plugins
+            self._registries = registries
+            return registries
+
+    def names(self, kind: str) -> list[str]:
+        """Primary names of every registered thing of this kind, sorted."""
+        return sorted({entry.name for entry in self._build()[kind].values()})
+
+    def get(self, kind: str, name: str) -> Registration:
+        registry = self._build()[kind]
+        if name not in registry:
+            raise unknown_name(kind, name, self.names(kind))
+        return registry[name]
+
+    def plugins(self) -> list[PluginInfo]:
+        self._build()
+        return sorted(self._plugins.values(), key=lambda info: info.name)
+
+
+_default: PluginManager | None = None
+_default_lock = threading.Lock()
+
+
+def manager() -> PluginManager:
+    """The process-wide manager, with every installed plugin loaded on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = PluginManager()
+        return _default
+
+
+def format_failure(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()

@@ -1,0 +1,128 @@
+"""Running a suite: each cell samples, measures, and writes its row; done cells are skipped on a re-run."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import bench
+from bench.errors import BenchError
+from bench.metrics import MetricContext, SharedCache, model_id
+from bench.reference import ReferenceCache
+from bench.registry import PluginManager, manager
+from bench.sampling import load_model, sample
+from bench.store import Store
+from bench.suite import Cell, Suite
+
+
+@dataclass
+class RunSummary:
+    store: Path
+    done: int
+    failed: int
+    skipped: int
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where a row was measured: enough to tell two machines or two code versions apart."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "device": device, "device_name": device_name, "torch": torch.__version__, "python": sys.version.split()[0],
+        "platform": platform.platform(), "samplerbench": bench.__version__, "git_sha": git_sha(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def labels_for(cell: Cell, model) -> torch.Tensor | None:
+    if cell.labels == "none":
+        return None
+    return torch.arange(cell.n) % model.num_classes  # balanced: sample i gets class i mod C
+
+
+def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache,
+             plugins: PluginManager) -> dict[str, Any]:
+    """Sample and measure one cell; the row's measured part. Raises on failure."""
+    labels = labels_for(cell, model)
+    out = sample(model, cell.solver.name, nfe=cell.nfe, n=cell.n, seed=cell.seed, schedule=cell.schedule.name,
+                 schedule_options=cell.schedule.kwargs, dtype=cell.dtype, guidance=cell.guidance, labels=labels,
+                 batch_size=cell.batch_size, device=cell.device, plugins=plugins, **cell.solver.kwargs)
+    finite = torch.isfinite(out.x).all().item()
+    if not finite:
+        bad = (~torch.isfinite(out.x.flatten(1))).any(dim=1).sum().item()
+        raise FloatingPointError(f"{bad} of {cell.n} samples are not finite")
+    context = MetricContext(model=model, model_id=model_id(cell.model.name, cell.model.kwargs, model),
+                            samples=out.x, x_T=out.x_T, labels=labels, seed=cell.seed, stochastic=out.stochastic,
+                            references=references, shared=shared)
+    metrics = {}
+    for name in cell.metrics:
+        value = plugins.get("metric", name).obj.compute(context)
+        metrics[name] = None if value is None or not math.isfinite(value) else float(value)
+    return {"nfe": out.nfe, "model_evals": out.model_evals, "steps": out.plan.steps, "seconds": out.seconds,
+            "metrics": metrics}
+
+
+def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
+              progress: bool = True) -> RunSummary:
+    plugins = plugins or manager()
+    out_dir = Path(out_dir)
+    store_path = out_dir / f"{suite.name}.sqlite"
+    references = ReferenceCache(out_dir / "cache")
+    shared = SharedCache()
+    models: dict[tuple[Any, str], Any] = {}
+    done = failed = skipped = 0
+    env_by_device: dict[str, dict[str, Any]] = {}
+    with Store(store_path) as store:
+        finished = store.done_keys()
+        bar = tqdm(suite.cells, desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
+        for cell in bar:
+            if cell.key in finished:
+                skipped += 1
+                continue
+            bar.set_postfix_str(f"{cell.model.name} {cell.solver.describe()} nfe={cell.nfe}", refresh=False)
+            if (cell.model, cell.device) not in models:
+                loaded = suite.models.get(cell.model) if cell.device == "cpu" else None
+                models[cell.model, cell.device] = loaded or load_model(cell.model.name, device=cell.device,
+                                                                      plugins=plugins, **cell.model.kwargs)
+            model = models[cell.model, cell.device]
+            row = {"key": cell.key, "suite": cell.suite, "model": cell.model.describe(), "solver": cell.solver.name,
+                   "label": cell.solver.describe(), "schedule": cell.schedule.describe(), "nfe_budget": cell.nfe,
+                   "guidance": cell.guidance, "seed": cell.seed, "n": cell.n, "dtype": cell.dtype,
+                   "device": cell.device, "config": cell.config(),
+                   "environment": env_by_device.setdefault(cell.device, environment(cell.device))}
+            try:
+                row.update(run_cell(cell, model, references, shared, plugins), status="done", error=None)
+                done += 1
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:  # a broken cell is recorded, and the sweep goes on
+                message = f"{type(error).__name__}: {error}"
+                if not isinstance(error, (BenchError, FloatingPointError)):
+                    message += "\n" + "".join(traceback.format_tb(error.__traceback__)[-3:])
+                row.update(status="failed", error=message, nfe=None, model_evals=None, steps=None, seconds=None,
+                           metrics={})
+                failed += 1
+            row["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            store.write(row)
+    return RunSummary(store=store_path, done=done, failed=failed, skipped=skipped)

@@ -1,0 +1,105 @@
+"""The results store: one SQLite file per suite, one row per cell, keyed by the hash of the cell's config.
+
+Each row is written in one transaction, so an interrupted sweep leaves only whole rows; a resumed sweep skips the
+done cells and retries the failed ones. ``read_results`` gives a pandas DataFrame with one column per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    model TEXT NOT NULL,
+    solver TEXT NOT NULL,
+    label TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    nfe_budget INTEGER NOT NULL,
+    guidance REAL,
+    seed INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    device TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    error TEXT,
+    nfe INTEGER,
+    model_evals INTEGER,
+    steps INTEGER,
+    seconds REAL,
+    metrics TEXT NOT NULL,
+    config TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    finished_at TEXT NOT NULL
+)
+"""
+COLUMNS = ("key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "guidance", "seed", "n", "dtype",
+           "device", "status", "error", "nfe", "model_evals", "steps", "seconds", "metrics", "config", "environment",
+           "finished_at")
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the driver alone writes; a generous timeout rides out a reader holding the lock
+        self._connection = sqlite3.connect(self.path, timeout=60)
+        with self._connection:
+            self._connection.execute(SCHEMA)
+
+    def done_keys(self) -> set[str]:
+        rows = self._connection.execute("SELECT key FROM cells WHERE status = 'done'")
+        return {key for (key,) in rows}
+
+    def write(self, row: dict[str, Any]) -> None:
+        """One cell's row, in one transaction; a failed cell run again replaces its old row."""
+        values = dict(row)
+        for column in ("metrics", "config", "environment"):
+            values[column] = json.dumps(values[column], sort_keys=True, default=str)
+        missing = [column for column in COLUMNS if column not in values]
+        if missing:
+            raise ValueError(f"row lacks columns {missing}")
+        with self._connection:
+            self._connection.execute(
+                f"INSERT OR REPLACE INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                [values[column] for column in COLUMNS],
+            )
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """All rows, with the metrics spread into one float column each (NaN where a metric did not apply)."""
+    path = Path(path)
+    if not path.exists():
+        from bench.errors import BenchError
+
+        raise BenchError(f"no results store at {str(path)!r}")
+    with sqlite3.connect(path) as connection:
+        frame = pd.read_sql_query("SELECT * FROM cells ORDER BY model, label, schedule, nfe_budget, seed", connection)
+    metrics = [json.loads(text) for text in frame["metrics"]]
+    names = sorted({name for row in metrics for name in row})
+    clashes = set(names) & set(COLUMNS)
+    if clashes:
+        raise ValueError(f"metric names {sorted(clashes)} clash with store columns")
+    for name in names:
+        frame[name] = [_float(row.get(name)) for row in metrics]
+    return frame
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)

@@ -1,0 +1,238 @@
+"""Suites: a TOML file that expands into cells, model x solver(+options) x schedule x NFE x guidance x seed.
+
+    name = "quick"               # default: the file's stem
+    device = "cpu"               # or "cuda"; `samplerbench run --device` overrides it
+    dtype = "float32"
+    n = 1024                     # samples per cell
+    seeds = [0]
+    nfe = [4, 6, 8, 10, 20, 50]
+    schedules = ["karras", { name = "karras", rho = 3 }]
+    metrics = ["trajectory_error", "fid", "precision", "recall"]
+    guidance = [0.0, 2.0]        # conditional models only; omit for none
+    labels = "balanced"          # conditional models: "balanced" (sample i gets class i mod C) or "none"
+
+    [[models]]
+    name = "gmm2d"
+
+    [[solvers]]
+    name = "ddim"
+    eta = 0.5                    # any other key is a solver option
+    label = "ddim-0.5"           # optional: how the report names it
+    nfe = [10, 20]               # optional: this solver's own budgets (likewise `schedules`)
+
+Everything is validated before anything runs, so bad input leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError, unknown_name
+from bench.registry import PluginManager, manager
+from bench.sampling import load_model, make_sigmas
+from bench.solver import build_solver
+
+SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
+              "guidance", "labels", "models", "solvers"}
+SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules"}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+LABELS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered plugin thing with its options, e.g. the solver ddim with eta=0.5."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        inner = ", ".join(f"{key}={value}" for key, value in self.options)
+        return f"{self.name}({inner})" if inner else self.name
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: str
+    model: Component
+    solver: Component
+    schedule: Component
+    nfe: int
+    guidance: float | None
+    seed: int
+    n: int
+    dtype: str
+    device: str
+    labels: str
+    metrics: tuple[str, ...]
+    batch_size: int | None = None
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the cell's row; its hash is the row's key."""
+        return {
+            "model": self.model.config(), "solver": self.solver.config(), "schedule": self.schedule.config(),
+            "nfe": self.nfe, "guidance": self.guidance, "seed": self.seed, "n": self.n, "dtype": self.dtype,
+            "device": self.device, "labels": self.labels, "metrics": sorted(self.metrics),
+            "batch_size": self.batch_size,
+        }
+
+    @property
+    def key(self) -> str:
+        canonical = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path | None
+    cells: list[Cell]
+    description: str = ""
+    models: dict[Component, Any] = field(default_factory=dict)  # loaded while validating, reused by the runner
+
+
+def load_suite(path: str | Path, device: str | None = None, plugins: PluginManager | None = None) -> Suite:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise BenchError(f"cannot read suite {str(path)!r}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:  # its message carries "(at line L, column C)"
+        raise BenchError(f"{path}: invalid TOML: {error}") from None
+    try:
+        return parse_suite(data, default_name=path.stem, device=device, plugins=plugins, path=path)
+    except BenchError as error:
+        raise BenchError(f"{path}: {error}") from None
+
+
+def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: str | None = None,
+                plugins: PluginManager | None = None, path: Path | None = None) -> Suite:
+    plugins = plugins or manager()
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise unknown_name("suite key", unknown[0], SUITE_KEYS)
+    name = _string(data.get("name", default_name), "name")
+    device = device or _string(data.get("device", "cpu"), "device")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise BenchError(f"device must be 'cpu' or 'cuda'; got {device!r}")
+    dtype = _string(data.get("dtype", "float32"), "dtype")
+    if dtype not in DTYPES:
+        raise unknown_name("dtype", dtype, DTYPES)
+    n = _positive_int(data.get("n", 1024), "n")
+    batch_size = _positive_int(data["batch_size"], "batch_size") if "batch_size" in data else None
+    seeds = [_int(seed, "seeds") for seed in _list(data.get("seeds", [0]), "seeds")]
+    default_nfe = [_positive_int(value, "nfe") for value in _list(data.get("nfe", [10]), "nfe")]
+    default_schedules = [_component(entry, "schedule", plugins) for entry in _list(data.get("schedules", ["karras"]),
+                                                                                  "schedules")]
+    metrics = tuple(_string(metric, "metrics") for metric in _list(data.get("metrics", []), "metrics"))
+    for metric in metrics:
+        plugins.get("metric", metric)
+    guidance_axis = data.get("guidance")
+    guidances = [None] if guidance_axis is None else [float(_number(g, "guidance")) for g in _list(guidance_axis, "guidance")]
+    labels = _string(data.get("labels", "none"), "labels")
+    if labels not in LABELS:
+        raise unknown_name("labels choice", labels, LABELS)
+
+    models = [_component(entry, "model", plugins) for entry in _list(data.get("models", []), "models")]
+    solvers = [_table(entry, "solvers") for entry in _list(data.get("solvers", []), "solvers")]
+    if not models or not solvers:
+        raise BenchError("a suite needs at least one [[models]] and one [[solvers]] entry")
+
+    loaded = {}
+    for model in models:
+        loaded[model] = load_model(model.name, device="cpu", plugins=plugins, **model.kwargs)
+        conditional = loaded[model].num_classes is not None
+        if guidance_axis is not None and not conditional:
+            raise BenchError(f"guidance = {guidance_axis} given, but model {model.name!r} is unconditional; "
+                             "remove guidance or the model")
+        if guidance_axis is not None and labels == "none":
+            raise BenchError("guidance needs labels: set labels = \"balanced\"")
+        if labels != "none" and not conditional:
+            raise BenchError(f"labels = {labels!r} given, but model {model.name!r} is unconditional")
+        for schedule in default_schedules:
+            make_sigmas(schedule.name, 2, loaded[model], plugins, **schedule.kwargs)  # bad options fail now
+
+    cells = []
+    for solver_table in solvers:
+        solver_name = _string(solver_table.get("name"), "solvers.name")
+        registration = plugins.get("solver", solver_name)
+        options = {key: value for key, value in solver_table.items() if key not in SOLVER_AXIS_KEYS}
+        solver = build_solver(registration.obj, registration.name, options)
+        component = Component(registration.name, tuple(sorted(options.items())), str(solver_table.get("label", "")))
+        budgets = [_positive_int(v, "nfe") for v in _list(solver_table.get("nfe", default_nfe), "nfe")]
+        for budget in budgets:
+            solver.plan(budget)  # raises for a budget below the solver's minimum
+        schedules = default_schedules
+        if "schedules" in solver_table:
+            schedules = [_component(entry, "schedule", plugins) for entry in _list(solver_table["schedules"], "schedules")]
+        for model in models:
+            for schedule in schedules:
+                for budget in budgets:
+                    for guidance in guidances:
+                        for seed in seeds:
+                            cells.append(Cell(name, model, component, schedule, budget, guidance, seed, n, dtype,
+                                              device, labels, metrics, batch_size))
+    return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded)
+
+
+def _component(entry: Any, kind: str, plugins: PluginManager) -> Component:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    table = _table(entry, kind)
+    name = _string(table.get("name"), f"{kind}.name")
+    registration = plugins.get(kind, name)
+    options = {key: value for key, value in table.items() if key not in ("name", "label")}
+    return Component(registration.name, tuple(sorted(options.items())), str(table.get("label", "")))
+
+
+def _table(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BenchError(f"each entry of {what} must be a table (name = ...); got {value!r}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise BenchError(f"{what} must be a list; got {value!r}")
+    return value
+
+
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise BenchError(f"{what} must be a string; got {value!r}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BenchError(f"{what} must hold whole numbers; got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if _int(value, what) < 1:
+        raise BenchError(f"{what} must be >= 1; got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BenchError(f"{what} must hold numbers; got {value!r}")
+    return value

@@ -1,0 +1,79 @@
+"""The built-in metrics: trajectory error against the reference ODE solution; FID, precision and recall with
+torch-fidelity's own functions in the model's feature space; and, for models that know their true moments, the
+exact Frechet distance to the data distribution."""
+
+from __future__ import annotations
+
+import torch
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+from bench.hookspecs import hookimpl
+from bench.metrics import Metric, MetricContext
+
+NEIGHBORHOOD = 3  # Kynkaanniemi et al. 2019
+
+
+def trajectory_error(context: MetricContext) -> float | None:
+    """RMSE to the exact flow's endpoint from the same x_T; meaningless for a stochastic solver."""
+    if context.stochastic:
+        return None
+    reference = context.reference_solution()
+    return (context.samples.to(torch.float64) - reference.to(context.samples.device)).pow(2).mean().sqrt().item()
+
+
+def fid(context: MetricContext) -> float:
+    samples = fid_features_to_statistics(context.features())
+    data = context.shared.get("fid-statistics|" + context.reference_key,
+                              lambda: fid_features_to_statistics(context.reference_features()))
+    return fid_statistics_to_metric(samples, data, verbose=False)[KEY_METRIC_FID]
+
+
+def _precision_recall(context: MetricContext) -> tuple[float, float]:
+    return context.memo(
+        "precision-recall",
+        lambda: calculate_precision_recall_part(context.features(), context.reference_features(), NEIGHBORHOOD),
+    )
+
+
+def precision(context: MetricContext) -> float:
+    return _precision_recall(context)[0]
+
+
+def recall(context: MetricContext) -> float:
+    return _precision_recall(context)[1]
+
+
+def frechet_exact(context: MetricContext) -> float | None:
+    """Frechet distance between the samples' moments and the true data distribution's (no sampling error on
+    the data side). With labels, the truth is the mixture of the classes in the proportions the labels ask for."""
+    model = context.model
+    if not hasattr(model, "mean") or not hasattr(model, "covariance"):
+        return None
+    mean, covariance = _true_moments(model, context.labels)
+    truth = {"mu": mean.cpu().numpy(), "sigma": covariance.cpu().numpy()}
+    return fid_statistics_to_metric(fid_features_to_statistics(context.features()), truth, verbose=False)[KEY_METRIC_FID]
+
+
+def _true_moments(model, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if labels is None:
+        return model.mean(), model.covariance()
+    classes, counts = labels.cpu().unique(return_counts=True)
+    shares = (counts / counts.sum()).tolist()
+    # the law of total covariance over the classes: E[Cov | class] + Cov[E | class]
+    means = [model.mean() if c < 0 else model.mean(label=c) for c in classes.tolist()]
+    covariances = [model.covariance() if c < 0 else model.covariance(label=c) for c in classes.tolist()]
+    mean = sum(share * m for share, m in zip(shares, means))
+    second_moment = sum(share * (cov + torch.outer(m, m)) for share, m, cov in zip(shares, means, covariances))
+    return mean, second_moment - torch.outer(mean, mean)
+
+
+@hookimpl
+def register_metrics(register):
+    register(Metric(trajectory_error, "lower", "RMSE to the reference ODE solution from the same x_T"),
+             name="trajectory_error")
+    register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space"),
+             name="fid")
+    register(Metric(precision, "higher", f"Kynkaanniemi et al. precision, k={NEIGHBORHOOD}"), name="precision")
+    register(Metric(recall, "higher", f"Kynkaanniemi et al. recall, k={NEIGHBORHOOD}"), name="recall")
+    register(Metric(frechet_exact, "lower", "Frechet distance to the true data moments"), name="frechet_exact")
