@@ -28,7 +28,7 @@ from plotly.colors import qualitative
 # Columns every results frame has; any other float column is an extra metric (shown in the cells table only,
 # since we do not know which direction is better).
 FIXED_COLUMNS = (
-    "key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "guidance", "seed", "n",
+    "key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n",
     "status", "error", "nfe", "model_evals", "seconds", "device",
 )
 KNOWN_METRICS = ("trajectory_error", "fid", "frechet_exact", "kid", "precision", "recall")
@@ -108,7 +108,7 @@ def _normalize(results: pd.DataFrame) -> pd.DataFrame:
     for column in FIXED_COLUMNS + KNOWN_METRICS:
         if column not in frame.columns:
             frame[column] = np.nan
-    numeric = ["nfe_budget", "guidance", "seed", "n", "nfe", "model_evals", "seconds", *KNOWN_METRICS]
+    numeric = ["nfe_budget", "tolerance", "guidance", "seed", "n", "nfe", "model_evals", "seconds", *KNOWN_METRICS]
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     for column in ("model", "label", "schedule"):
@@ -146,7 +146,7 @@ def _with_series(done: pd.DataFrame) -> pd.DataFrame:
 def _aggregate(done: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFrame:
     """Mean and std over seeds per (series, nfe_budget); x of a point is the mean counted NFE."""
     columns = list(dict.fromkeys(value_columns))
-    keys = ["series", "label", "schedule", "guidance_key", "nfe_budget"]
+    keys = ["series", "label", "schedule", "guidance_key", "nfe_budget", "tolerance"]
     if done.empty:
         return pd.DataFrame(columns=[*keys, "nfe", "seeds", *columns, *(f"{c}_std" for c in columns)])
     groups = done.groupby(keys, sort=True, dropna=False)
@@ -314,7 +314,7 @@ def _best_table(cells: pd.DataFrame) -> str:
 def _cells_table(cells: pd.DataFrame) -> str:
     """Every cell of the model, failed ones included with their error text."""
     metrics = [m for m in KNOWN_METRICS if _has(cells, m)] + [m for m in _extra_metrics(cells) if _has(cells, m)]
-    columns = ["key", "label", "solver", "schedule", "nfe_budget", "guidance", "seed", "n", "status", "nfe",
+    columns = ["key", "label", "solver", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "status", "nfe",
                "model_evals", "seconds", "device", *metrics, "error"]
     ordered = cells.sort_values(["label", "schedule", "nfe_budget", "seed"], kind="stable", na_position="last")
     rows = [[_cell_value(row[c]) for c in columns] for _, row in ordered.iterrows()]

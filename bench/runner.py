@@ -67,7 +67,7 @@ def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache,
     labels = labels_for(cell, model)
     out = sample(model, cell.solver.name, nfe=cell.nfe, n=cell.n, seed=cell.seed, schedule=cell.schedule.name,
                  schedule_options=cell.schedule.kwargs, dtype=cell.dtype, guidance=cell.guidance, labels=labels,
-                 batch_size=cell.batch_size, device=cell.device, plugins=plugins, **cell.solver.kwargs)
+                 batch_size=cell.batch_size, device=cell.device, plugins=plugins, **cell.solver_options)
     finite = torch.isfinite(out.x).all().item()
     if not finite:
         bad = (~torch.isfinite(out.x.flatten(1))).any(dim=1).sum().item()
@@ -100,7 +100,8 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
             if cell.key in finished:
                 skipped += 1
                 continue
-            bar.set_postfix_str(f"{cell.model.name} {cell.solver.describe()} nfe={cell.nfe}", refresh=False)
+            budget = f"nfe={cell.nfe}" if cell.tolerance is None else f"tol={cell.tolerance:g}"
+            bar.set_postfix_str(f"{cell.model.name} {cell.solver.describe()} {budget}", refresh=False)
             if (cell.model, cell.device) not in models:
                 loaded = suite.models.get(cell.model) if cell.device == "cpu" else None
                 models[cell.model, cell.device] = loaded or load_model(cell.model.name, device=cell.device,
@@ -108,6 +109,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
             model = models[cell.model, cell.device]
             row = {"key": cell.key, "suite": cell.suite, "model": cell.model.describe(), "solver": cell.solver.name,
                    "label": cell.solver.describe(), "schedule": cell.schedule.describe(), "nfe_budget": cell.nfe,
+                   "tolerance": cell.tolerance,
                    "guidance": cell.guidance, "seed": cell.seed, "n": cell.n, "dtype": cell.dtype,
                    "device": cell.device, "config": cell.config(),
                    "environment": env_by_device.setdefault(cell.device, environment(cell.device))}

@@ -23,8 +23,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 class SampleOutput:
     x: Tensor  # samples [n, *shape]
     x_T: Tensor  # initial states sigma_max * eps [n, *shape]
-    nfe: int  # denoiser calls per sample, as counted
-    model_evals: int  # network evaluations per sample (2 per NFE under classifier-free guidance)
+    nfe: float  # denoiser calls per sample, as counted (an adaptive solver's: the mean over batches)
+    model_evals: float  # network evaluations per sample (2 per NFE under classifier-free guidance)
     seconds: float  # sampling wall-clock, warm-up excluded
     plan: Plan
     sigmas: Tensor  # the grid, float64
@@ -87,12 +87,14 @@ def model_device(model: Denoiser) -> torch.device:
     return torch.device("cpu")
 
 
-def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int, n: int, seed: int = 0,
+def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = None, n: int, seed: int = 0,
            schedule: str = "karras", dtype: torch.dtype | str = torch.float32, guidance: float | None = None,
            labels: Tensor | None = None, batch_size: int | None = None, device: str | torch.device | None = None,
            schedule_options: dict[str, Any] | None = None, warmup: bool = True,
            plugins: PluginManager | None = None, **solver_options: Any) -> SampleOutput:
     """Sample ``n`` points with ``solver`` under an NFE budget; solver options come as keywords.
+
+    An adaptive solver (rk45) takes no budget: its options rtol/atol set its accuracy and its NFE is counted.
 
     Sample i of seed s starts from the same x_T (and, for stochastic solvers, sees the same per-step noise)
     whatever n, batch_size or device: noise is a function of (seed, i) alone.
@@ -112,8 +114,14 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int, n: int, see
         raise BenchError(f"n must be >= 1; got {n}")
     check_conditioning(model, guidance, labels, n)
 
-    plan = solver.plan(nfe)
-    sigmas = make_sigmas(schedule, plan.steps, model, plugins, **(schedule_options or {}))
+    if solver.adaptive:
+        plan = solver.plan(nfe)
+        sigmas = torch.tensor([model.sigma_max, model.sigma_min, 0.0], dtype=torch.float64)
+    else:
+        if nfe is None:
+            raise BenchError(f"solver {solver.describe()} needs an NFE budget (nfe=...)")
+        plan = solver.plan(nfe)
+        sigmas = make_sigmas(schedule, plan.steps, model, plugins, **(schedule_options or {}))
     network = ClassifierFreeGuidance(model, guidance) if guidance else model  # w = 0 is plain conditional
     batch_size = batch_size or n
     if warmup:  # first-call costs (allocator, kernel selection) stay out of the timing
@@ -127,9 +135,13 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int, n: int, see
         samples.append(x)
         initial_states.append(x_T)
         counts.append(counted)
-    nfe_counted = max(count.nfe for count in counts)
+    # a fixed-step solver makes the same calls for every batch; an adaptive one's vary with the batch
+    nfe_counted = sum(count.nfe for count in counts) / len(counts)
+    evals_counted = sum(count.model_evals for count in counts) / len(counts)
+    if nfe_counted.is_integer():
+        nfe_counted, evals_counted = int(nfe_counted), int(evals_counted)
     return SampleOutput(x=torch.cat(samples), x_T=torch.cat(initial_states), nfe=nfe_counted,
-                        model_evals=max(count.model_evals for count in counts), seconds=stopwatch.seconds(),
+                        model_evals=evals_counted, seconds=stopwatch.seconds(),
                         plan=plan, sigmas=sigmas, labels=labels,
                         stochastic=solver.stochastic)
 

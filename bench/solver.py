@@ -37,6 +37,7 @@ class Solver:
 
     order: ClassVar[int] = 1
     stochastic: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False
     min_steps: ClassVar[int] = 1
 
     def nfe_for_steps(self, steps: int) -> int:
@@ -65,6 +66,25 @@ class Solver:
     def options(self) -> dict[str, Any]:
         """The constructor options of this instance, for the store and messages."""
         return {name: getattr(self, name) for name in option_names(type(self)) if hasattr(self, name)}
+
+
+class AdaptiveSolver(Solver):
+    """A solver that chooses its own steps to meet a tolerance: it is swept over ``rtol``/``atol`` instead of an
+    NFE budget, and its NFE is an output. It integrates from ``sigmas[0]`` (sigma_max) to ``sigmas[1]``
+    (sigma_min) and then takes the common first-order final step, x0 = D(x; sigma_min)."""
+
+    adaptive = True
+
+    def __init__(self, rtol: float = 1e-3, atol: float = 1e-3) -> None:
+        if not (rtol > 0 and atol > 0):
+            raise ValueError(f"rtol and atol must be > 0; got rtol={rtol!r}, atol={atol!r}")
+        self.rtol, self.atol = float(rtol), float(atol)
+
+    def plan(self, nfe: int | None = None) -> Plan:
+        if nfe is not None:
+            raise BenchError(f"solver {self.describe()} is adaptive: give it rtol/atol (a suite's `tolerances`), "
+                             f"not an NFE budget (got nfe={nfe})")
+        return Plan(steps=0, nfe=0)  # steps 0: chosen while it runs; the counted NFE is the answer
 
 
 def option_names(cls: type) -> list[str]:

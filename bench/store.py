@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS cells (
     solver TEXT NOT NULL,
     label TEXT NOT NULL,
     schedule TEXT NOT NULL,
-    nfe_budget INTEGER NOT NULL,
+    nfe_budget INTEGER,
+    tolerance REAL,
     guidance REAL,
     seed INTEGER NOT NULL,
     n INTEGER NOT NULL,
@@ -30,8 +31,8 @@ CREATE TABLE IF NOT EXISTS cells (
     device TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
     error TEXT,
-    nfe INTEGER,
-    model_evals INTEGER,
+    nfe REAL,
+    model_evals REAL,
     steps INTEGER,
     seconds REAL,
     metrics TEXT NOT NULL,
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS cells (
     finished_at TEXT NOT NULL
 )
 """
-COLUMNS = ("key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "guidance", "seed", "n", "dtype",
+COLUMNS = ("key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "dtype",
            "device", "status", "error", "nfe", "model_evals", "steps", "seconds", "metrics", "config", "environment",
            "finished_at")
 

@@ -20,12 +20,17 @@
     label = "ddim-0.5"           # optional: how the report names it
     nfe = [10, 20]               # optional: this solver's own budgets (likewise `schedules`)
 
+    [[solvers]]
+    name = "rk45"                # adaptive solvers sweep tolerances (rtol = atol) instead of NFE budgets
+    tolerances = [1e-2, 1e-3, 1e-4]
+
 Everything is validated before anything runs, so bad input leaves no partial output.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -39,7 +44,7 @@ from bench.solver import build_solver
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
               "guidance", "labels", "models", "solvers"}
-SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules"}
+SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 LABELS = ("none", "balanced")
 
@@ -72,7 +77,7 @@ class Cell:
     model: Component
     solver: Component
     schedule: Component
-    nfe: int
+    nfe: int | None  # None for an adaptive solver, which has a tolerance instead
     guidance: float | None
     seed: int
     n: int
@@ -81,6 +86,13 @@ class Cell:
     labels: str
     metrics: tuple[str, ...]
     batch_size: int | None = None
+    tolerance: float | None = None  # rtol = atol of an adaptive solver
+
+    @property
+    def solver_options(self) -> dict[str, Any]:
+        if self.tolerance is None:
+            return self.solver.kwargs
+        return {**self.solver.kwargs, "rtol": self.tolerance, "atol": self.tolerance}
 
     def config(self) -> dict[str, Any]:
         """Everything that determines the cell's row; its hash is the row's key."""
@@ -88,7 +100,7 @@ class Cell:
             "model": self.model.config(), "solver": self.solver.config(), "schedule": self.schedule.config(),
             "nfe": self.nfe, "guidance": self.guidance, "seed": self.seed, "n": self.n, "dtype": self.dtype,
             "device": self.device, "labels": self.labels, "metrics": sorted(self.metrics),
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size, "tolerance": self.tolerance,
         }
 
     @property
@@ -176,19 +188,34 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         options = {key: value for key, value in solver_table.items() if key not in SOLVER_AXIS_KEYS}
         solver = build_solver(registration.obj, registration.name, options)
         component = Component(registration.name, tuple(sorted(options.items())), str(solver_table.get("label", "")))
-        budgets = [_positive_int(v, "nfe") for v in _list(solver_table.get("nfe", default_nfe), "nfe")]
-        for budget in budgets:
-            solver.plan(budget)  # raises for a budget below the solver's minimum
+        if solver.adaptive:
+            if "nfe" in solver_table or "tolerances" not in solver_table:
+                raise BenchError(f"solver {solver_name!r} is adaptive: give it `tolerances = [...]` (rtol = atol) "
+                                 "instead of NFE budgets")
+            budgets = [None]
+            tolerances = [float(_number(t, "tolerances")) for t in _list(solver_table["tolerances"], "tolerances")]
+            if any(t <= 0 for t in tolerances):
+                raise BenchError(f"tolerances must be > 0; got {tolerances}")
+        else:
+            if "tolerances" in solver_table:
+                raise BenchError(f"solver {solver_name!r} takes NFE budgets, not tolerances (only adaptive solvers "
+                                 "such as rk45 do)")
+            budgets = [_positive_int(v, "nfe") for v in _list(solver_table.get("nfe", default_nfe), "nfe")]
+            tolerances = [None]
+            for budget in budgets:
+                solver.plan(budget)  # raises for a budget below the solver's minimum
         schedules = default_schedules
-        if "schedules" in solver_table:
+        if solver.adaptive:  # it picks its own grid
+            schedules = [Component("adaptive")]
+        elif "schedules" in solver_table:
             schedules = [_component(entry, "schedule", plugins) for entry in _list(solver_table["schedules"], "schedules")]
         for model in models:
             for schedule in schedules:
-                for budget in budgets:
+                for budget, tolerance in itertools.product(budgets, tolerances):
                     for guidance in guidances:
                         for seed in seeds:
                             cells.append(Cell(name, model, component, schedule, budget, guidance, seed, n, dtype,
-                                              device, labels, metrics, batch_size))
+                                              device, labels, metrics, batch_size, tolerance))
     return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded)
 
 

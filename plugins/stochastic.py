@@ -1,0 +1,86 @@
+"""Stochastic samplers of the reverse SDE: Euler-Maruyama, and EDM's stochastic sampler (churn).
+
+Their noise comes from ``noise(step)``, seeded per sample like x_T, so a sample's path does not depend on the
+batch it falls in. They converge in distribution, not along the ODE trajectory from x_T: judge them by FID,
+precision/recall or the exact Frechet distance, not by trajectory error.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from bench.hookspecs import hookimpl
+from bench.solver import Denoise, Noise, Plan, Solver
+
+
+class EulerMaruyama(Solver):
+    """Euler-Maruyama on the reverse-time VE SDE with sigma(t) = t (Song et al. 2021; Karras et al. 2022, eq. 6):
+
+        dx = -2 sigma grad log p(x; sigma) dsigma + sqrt(2 sigma) dW,   grad log p = (D(x; sigma) - x) / sigma^2,
+
+    so one step from sigma to sigma_next adds the drift 2 (sigma_next - sigma) (x - D) / sigma and Gaussian noise
+    of variance 2 sigma (sigma - sigma_next). Weak order 1 (strong order 1/2)."""
+
+    order = 1
+    stochastic = True
+
+    def __init__(self) -> None:
+        pass
+
+    def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
+        sigma_list = sigmas.tolist()
+        for step, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
+            denoised = denoise(x, sigma)
+            if sigma_next == 0:
+                return denoised
+            x = x + 2 * (sigma_next - sigma) * (x - denoised) / sigma
+            x = x + math.sqrt(2 * sigma * (sigma - sigma_next)) * noise(step)
+        return x
+
+
+class EDMStochastic(Solver):
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): at each step inside [s_tmin, s_tmax] raise the
+    noise level from sigma to sigma_hat = (1 + gamma) sigma by adding fresh noise ("churn"), then take a Heun step
+    from sigma_hat to sigma_next (Euler on the last step, to 0). gamma = min(s_churn / steps, sqrt(2) - 1).
+    s_churn = 0 is EDM's deterministic Heun sampler; NFE = 2 steps - 1."""
+
+    order = 2
+
+    def __init__(self, s_churn: float = 40.0, s_tmin: float = 0.05, s_tmax: float = 50.0,
+                 s_noise: float = 1.003) -> None:
+        if s_churn < 0 or s_noise < 0 or s_tmin > s_tmax:
+            raise ValueError(f"need s_churn >= 0, s_noise >= 0 and s_tmin <= s_tmax; got s_churn={s_churn}, "
+                             f"s_noise={s_noise}, s_tmin={s_tmin}, s_tmax={s_tmax}")
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.s_churn > 0
+
+    def nfe_for_steps(self, steps: int) -> int:
+        return 2 * steps - 1
+
+    def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
+        sigma_list = sigmas.tolist()
+        steps = len(sigma_list) - 1
+        for step, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
+            gamma = min(self.s_churn / steps, math.sqrt(2) - 1) if self.s_tmin <= sigma <= self.s_tmax else 0.0
+            sigma_hat = sigma * (1 + gamma)
+            if gamma > 0:
+                x = x + math.sqrt(sigma_hat**2 - sigma**2) * self.s_noise * noise(step)
+            denoised = denoise(x, sigma_hat)
+            if sigma_next == 0:
+                return denoised
+            derivative = (x - denoised) / sigma_hat
+            x_euler = x + (sigma_next - sigma_hat) * derivative
+            derivative_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
+            x = x + (sigma_next - sigma_hat) * 0.5 * (derivative + derivative_next)
+        return x
+
+
+@hookimpl
+def register_solvers(register):
+    register(EulerMaruyama, name="euler-maruyama", aliases=("em",))
+    register(EDMStochastic, name="edm-stochastic", aliases=("edm-churn",))
