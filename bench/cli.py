@@ -59,6 +59,18 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_train(args: argparse.Namespace) -> int:
+    from bench.registry import manager
+
+    registration = manager().get("model", args.model)
+    recipe = registration.extras.get("train")
+    if recipe is None:
+        trainable = [name for name in manager().names("model") if manager().get("model", name).extras.get("train")]
+        raise BenchError(f"model {args.model!r} has no training recipe (models with one: {', '.join(trainable) or 'none'})")
+    recipe(args.arguments)
+    return 0
+
+
 def _provenance(store: Path, suite_path: str | None = None) -> dict[str, str]:
     from bench.runner import git_sha
 
@@ -86,6 +98,10 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("results", help="results/<suite>.sqlite")
     report.add_argument("-o", "--output", help="HTML path (default: reports/<store name>.html)")
     report.set_defaults(handler=command_report)
+    train = commands.add_parser("train", help="train a model by its plugin's own recipe, e.g. `train digits`")
+    train.add_argument("model", help="a model with a training recipe")
+    train.add_argument("arguments", nargs=argparse.REMAINDER, help="the recipe's own options (see `train NAME --help`)")
+    train.set_defaults(handler=command_train)
     return root
 
 

@@ -31,7 +31,9 @@ def register_schedules(register):
 
 @hookspec
 def register_models(register):
-    """Register model loaders: ``register(fn, name=..., aliases=())``; ``fn(device=..., **options)`` -> Denoiser."""
+    """Register model loaders: ``register(fn, name=..., aliases=(), train=recipe)``; ``fn(device=..., **options)``
+    -> Denoiser. ``train``, optional, is the recipe that makes the model's weights: ``recipe(argv: list[str])``,
+    run by ``samplerbench train NAME [ARGS...]``."""
 
 
 @hookspec

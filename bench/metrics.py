@@ -12,12 +12,15 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from bench.errors import BenchError
+from bench.features import FeatureSpace, feature_space_for
 from bench.reference import ReferenceCache
 
 REFERENCE_DATA_SEED = 2**31 - 1  # the real-data draw for FID and precision/recall, distinct from any sample seed
@@ -41,7 +44,14 @@ class MetricContext:
     stochastic: bool
     references: ReferenceCache
     shared: "SharedCache"
+    feature_space: FeatureSpace | None = None  # None: the model's own (bench.features.feature_space_for)
     _memo: dict[str, Any] = field(default_factory=dict)
+
+    def space(self) -> FeatureSpace:
+        """Resolved on first use: a cell measuring only trajectory error needs no feature space."""
+        if self.feature_space is None:
+            self.feature_space = feature_space_for(self.model)
+        return self.feature_space
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
         """A quantity computed once per cell however many metrics need it (precision and recall share one)."""
@@ -51,12 +61,14 @@ class MetricContext:
 
     def features(self) -> Tensor:
         """The samples in the model's declared feature space, float64 on the CPU."""
-        return self.memo("features", lambda: _extract(self.model, self.samples))
+        return self.memo("features", lambda: self.space()(self.samples))
 
     @property
     def reference_key(self) -> str:
-        """Names the real-data draw: model, N, labels and seed; a different N or dataset never shares it."""
-        return f"{self.model_id}|{len(self.samples)}|{_digest(self.labels)}|{REFERENCE_DATA_SEED}"
+        """Names the real-data features: the data (model id and its content hash), the feature space, N, labels
+        and seed. A changed dataset, extractor or N never reuses stale features or statistics."""
+        return (f"{self.model_id}|{self.space().name}|{len(self.samples)}|{_digest(self.labels)}|"
+                f"{REFERENCE_DATA_SEED}")
 
     def reference_features(self) -> Tensor:
         """Features of as many real data points as there are samples, with the same labels."""
@@ -67,31 +79,39 @@ class MetricContext:
                 raise BenchError(f"model {self.model_id} provides no real data (sample_data); "
                                  "fid, precision and recall need it")
             labels = self.labels.cpu() if self.labels is not None else None
-            return _extract(self.model, self.model.sample_data(n, seed=REFERENCE_DATA_SEED, labels=labels))
+            return self.space()(self.model.sample_data(n, seed=REFERENCE_DATA_SEED, labels=labels))
 
-        return self.shared.get("features|" + self.reference_key, draw)
+        return self.shared.get("features|" + self.reference_key, draw, persist=True)
 
     def reference_solution(self) -> Tensor:
         return self.references.get(self.model, self.model_id, self.seed, self.x_T, self.labels)
 
 
 class SharedCache:
-    """Across cells: real-data features by (model, N, labels), never reused for a different N or dataset."""
+    """Across cells: real-data features and their statistics, by a key naming the data, the feature space, N and
+    the labels. With a directory, features also persist across runs as safetensors named by the key's hash."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
         self._items: dict[str, Any] = {}
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self._items:
-            self._items[key] = compute()
-        return self._items[key]
-
-
-def _extract(model, x: Tensor) -> Tensor:
-    if not hasattr(model, "features"):
-        raise BenchError(f"model {getattr(model, 'name', model)!r} declares no feature space (a `features` method)")
-    with torch.inference_mode():
-        return model.features(x).to(device="cpu", dtype=torch.float64)
+    def get(self, key: str, compute: Callable[[], Any], *, persist: bool = False) -> Any:
+        if key in self._items:
+            return self._items[key]
+        path = None
+        if persist and self.directory is not None:
+            path = self.directory / f"features-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        if path is not None and path.exists():
+            value = load_file(path)["features"]
+        else:
+            value = compute()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(".tmp")
+                save_file({"features": value.contiguous()}, temporary, metadata={"key": key})
+                temporary.replace(path)
+        self._items[key] = value
+        return value
 
 
 def _digest(labels: Tensor | None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ class Registration:
     obj: Any
     aliases: tuple[str, ...]
     plugin: str
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. a model's `train` recipe
 
 
 @dataclass
@@ -100,8 +100,9 @@ class PluginManager:
                     names = registries[kind]
 
                     def register(obj: Any, name: str, aliases: tuple[str, ...] | list[str] = (),
-                                 _plugin: str = impl.plugin_name, _kind: str = kind, _names=names) -> None:
-                        entry = Registration(_kind, name, obj, tuple(aliases), _plugin)
+                                 _plugin: str = impl.plugin_name, _kind: str = kind, _names=names,
+                                 **extras: Any) -> None:
+                        entry = Registration(_kind, name, obj, tuple(aliases), _plugin, extras)
                         for key in (name, *entry.aliases):
                             if key in _names:
                                 other = _names[key].plugin
@@ -147,5 +148,3 @@ def manager() -> PluginManager:
         return _default
 
 
-def format_failure(error: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(error), error)).strip()

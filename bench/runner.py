@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import bench
 from bench.errors import BenchError
+from bench.features import FeatureSpace, feature_space_for
 from bench.metrics import MetricContext, SharedCache, model_id
 from bench.reference import ReferenceCache
 from bench.registry import PluginManager, manager
@@ -61,12 +62,13 @@ def labels_for(cell: Cell, model) -> torch.Tensor | None:
     return torch.arange(cell.n) % model.num_classes  # balanced: sample i gets class i mod C
 
 
-def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache,
-             plugins: PluginManager) -> dict[str, Any]:
+def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache, plugins: PluginManager,
+             feature_space: FeatureSpace | None = None) -> dict[str, Any]:
     """Sample and measure one cell; the row's measured part. Raises on failure."""
     labels = labels_for(cell, model)
     out = sample(model, cell.solver.name, nfe=cell.nfe, n=cell.n, seed=cell.seed, schedule=cell.schedule.name,
                  schedule_options=cell.schedule.kwargs, dtype=cell.dtype, guidance=cell.guidance, labels=labels,
+                 guidance_type=cell.guidance_type,
                  batch_size=cell.batch_size, device=cell.device, plugins=plugins, **cell.solver_options)
     finite = torch.isfinite(out.x).all().item()
     if not finite:
@@ -74,7 +76,7 @@ def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache,
         raise FloatingPointError(f"{bad} of {cell.n} samples are not finite")
     context = MetricContext(model=model, model_id=model_id(cell.model.name, cell.model.kwargs, model),
                             samples=out.x, x_T=out.x_T, labels=labels, seed=cell.seed, stochastic=out.stochastic,
-                            references=references, shared=shared)
+                            references=references, shared=shared, feature_space=feature_space)
     metrics = {}
     for name in cell.metrics:
         value = plugins.get("metric", name).obj.compute(context)
@@ -83,14 +85,23 @@ def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache,
             "metrics": metrics}
 
 
+def _feature_space_or_none(model, weights_path: str | None) -> FeatureSpace | None:
+    """The model's feature space, or None to let a metric that needs one fail its cell with the reason."""
+    try:
+        return feature_space_for(model, weights_path)
+    except BenchError:
+        return None
+
+
 def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
               progress: bool = True) -> RunSummary:
     plugins = plugins or manager()
     out_dir = Path(out_dir)
     store_path = out_dir / f"{suite.name}.sqlite"
     references = ReferenceCache(out_dir / "cache")
-    shared = SharedCache()
+    shared = SharedCache(out_dir / "cache")
     models: dict[tuple[Any, str], Any] = {}
+    feature_spaces: dict[Any, FeatureSpace | None] = {}
     done = failed = skipped = 0
     env_by_device: dict[str, dict[str, Any]] = {}
     with Store(store_path) as store:
@@ -107,6 +118,8 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                 models[cell.model, cell.device] = loaded or load_model(cell.model.name, device=cell.device,
                                                                       plugins=plugins, **cell.model.kwargs)
             model = models[cell.model, cell.device]
+            if cell.model not in feature_spaces:
+                feature_spaces[cell.model] = _feature_space_or_none(model, suite.feature_extractor_weights_path)
             row = {"key": cell.key, "suite": cell.suite, "model": cell.model.describe(), "solver": cell.solver.name,
                    "label": cell.solver.describe(), "schedule": cell.schedule.describe(), "nfe_budget": cell.nfe,
                    "tolerance": cell.tolerance,
@@ -114,7 +127,8 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                    "device": cell.device, "config": cell.config(),
                    "environment": env_by_device.setdefault(cell.device, environment(cell.device))}
             try:
-                row.update(run_cell(cell, model, references, shared, plugins), status="done", error=None)
+                row.update(run_cell(cell, model, references, shared, plugins, feature_spaces[cell.model]),
+                           status="done", error=None)
                 done += 1
             except (KeyboardInterrupt, SystemExit):
                 raise

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from bench.denoiser import CountingDenoiser, Denoiser
-from bench.errors import BenchError
-from bench.guidance import ClassifierFreeGuidance
+from bench.errors import BenchError, unknown_name
+from bench.guidance import GUIDANCE_KINDS
 from bench.noise import NoiseStream, gaussian
 from bench.registry import PluginManager, manager
 from bench.solver import Plan, Solver, build_solver
@@ -89,12 +89,15 @@ def model_device(model: Denoiser) -> torch.device:
 
 def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = None, n: int, seed: int = 0,
            schedule: str = "karras", dtype: torch.dtype | str = torch.float32, guidance: float | None = None,
-           labels: Tensor | None = None, batch_size: int | None = None, device: str | torch.device | None = None,
+           labels: Tensor | None = None, guidance_type: str = "classifier-free", batch_size: int | None = None,
+           device: str | torch.device | None = None,
            schedule_options: dict[str, Any] | None = None, warmup: bool = True,
            plugins: PluginManager | None = None, **solver_options: Any) -> SampleOutput:
     """Sample ``n`` points with ``solver`` under an NFE budget; solver options come as keywords.
 
     An adaptive solver (rk45) takes no budget: its options rtol/atol set its accuracy and its NFE is counted.
+    ``guidance`` is the scale w of ``guidance_type`` ("classifier-free", or "classifier" for models that know
+    their noisy-class posterior); see bench.guidance for the conventions.
 
     Sample i of seed s starts from the same x_T (and, for stochastic solvers, sees the same per-step noise)
     whatever n, batch_size or device: noise is a function of (seed, i) alone.
@@ -122,7 +125,12 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
             raise BenchError(f"solver {solver.describe()} needs an NFE budget (nfe=...)")
         plan = solver.plan(nfe)
         sigmas = make_sigmas(schedule, plan.steps, model, plugins, **(schedule_options or {}))
-    network = ClassifierFreeGuidance(model, guidance) if guidance else model  # w = 0 is plain conditional
+    if guidance_type not in GUIDANCE_KINDS:
+        raise unknown_name("guidance type", guidance_type, GUIDANCE_KINDS)
+    try:
+        network = GUIDANCE_KINDS[guidance_type](model, guidance) if guidance else model  # w = 0: plain conditional
+    except ValueError as error:
+        raise BenchError(str(error)) from None
     batch_size = batch_size or n
     if warmup:  # first-call costs (allocator, kernel selection) stay out of the timing
         _run_batch(network, solver, plan, sigmas, seed, torch.arange(min(n, 8)), labels, dtype, device)

@@ -9,7 +9,10 @@
     schedules = ["karras", { name = "karras", rho = 3 }]
     metrics = ["trajectory_error", "fid", "precision", "recall"]
     guidance = [0.0, 2.0]        # conditional models only; omit for none
-    labels = "balanced"          # conditional models: "balanced" (sample i gets class i mod C) or "none"
+    guidance_type = "classifier-free"   # or "classifier" (models that know their noisy-class posterior)
+    labels = "auto"              # "balanced" (sample i gets class i mod C), "none", or "auto": balanced for
+                                 # conditional models, none for unconditional ones
+    feature_extractor_weights_path = "..."   # Inception weights, for 3xHxW models without a feature space
 
     [[models]]
     name = "gmm2d"
@@ -38,15 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError, unknown_name
+from bench.guidance import GUIDANCE_KINDS
 from bench.registry import PluginManager, manager
 from bench.sampling import load_model, make_sigmas
 from bench.solver import build_solver
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
-              "guidance", "labels", "models", "solvers"}
+              "guidance", "guidance_type", "labels", "models", "solvers", "feature_extractor_weights_path"}
 SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-LABELS = ("none", "balanced")
+LABELS = ("auto", "none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,11 @@ class Cell:
     n: int
     dtype: str
     device: str
-    labels: str
+    labels: str  # "none" or "balanced", resolved from "auto" per model
     metrics: tuple[str, ...]
     batch_size: int | None = None
     tolerance: float | None = None  # rtol = atol of an adaptive solver
+    guidance_type: str = "classifier-free"
 
     @property
     def solver_options(self) -> dict[str, Any]:
@@ -101,6 +106,7 @@ class Cell:
             "nfe": self.nfe, "guidance": self.guidance, "seed": self.seed, "n": self.n, "dtype": self.dtype,
             "device": self.device, "labels": self.labels, "metrics": sorted(self.metrics),
             "batch_size": self.batch_size, "tolerance": self.tolerance,
+            "guidance_type": self.guidance_type if self.guidance else None,
         }
 
     @property
@@ -116,6 +122,7 @@ class Suite:
     cells: list[Cell]
     description: str = ""
     models: dict[Component, Any] = field(default_factory=dict)  # loaded while validating, reused by the runner
+    feature_extractor_weights_path: str | None = None
 
 
 def load_suite(path: str | Path, device: str | None = None, plugins: PluginManager | None = None) -> Suite:
@@ -158,26 +165,37 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         plugins.get("metric", metric)
     guidance_axis = data.get("guidance")
     guidances = [None] if guidance_axis is None else [float(_number(g, "guidance")) for g in _list(guidance_axis, "guidance")]
-    labels = _string(data.get("labels", "none"), "labels")
+    labels = _string(data.get("labels", "auto"), "labels")
     if labels not in LABELS:
         raise unknown_name("labels choice", labels, LABELS)
+    guidance_type = _string(data.get("guidance_type", "classifier-free"), "guidance_type")
+    if guidance_type not in GUIDANCE_KINDS:
+        raise unknown_name("guidance type", guidance_type, GUIDANCE_KINDS)
+    weights_path = data.get("feature_extractor_weights_path")
+    if weights_path is not None:
+        weights_path = _string(weights_path, "feature_extractor_weights_path")
 
     models = [_component(entry, "model", plugins) for entry in _list(data.get("models", []), "models")]
     solvers = [_table(entry, "solvers") for entry in _list(data.get("solvers", []), "solvers")]
     if not models or not solvers:
         raise BenchError("a suite needs at least one [[models]] and one [[solvers]] entry")
 
-    loaded = {}
+    loaded, model_labels = {}, {}
     for model in models:
         loaded[model] = load_model(model.name, device="cpu", plugins=plugins, **model.kwargs)
         conditional = loaded[model].num_classes is not None
+        model_labels[model] = ("balanced" if conditional else "none") if labels == "auto" else labels
         if guidance_axis is not None and not conditional:
             raise BenchError(f"guidance = {guidance_axis} given, but model {model.name!r} is unconditional; "
                              "remove guidance or the model")
-        if guidance_axis is not None and labels == "none":
+        if guidance_axis is not None and model_labels[model] == "none":
             raise BenchError("guidance needs labels: set labels = \"balanced\"")
-        if labels != "none" and not conditional:
+        if model_labels[model] != "none" and not conditional:
             raise BenchError(f"labels = {labels!r} given, but model {model.name!r} is unconditional")
+        if guidance_type == "classifier" and guidance_axis is not None and not hasattr(loaded[model],
+                                                                                        "class_log_posterior"):
+            raise BenchError(f"guidance_type = \"classifier\" needs a model that knows its noisy-class posterior; "
+                             f"{model.name!r} does not (use \"classifier-free\")")
         for schedule in default_schedules:
             make_sigmas(schedule.name, 2, loaded[model], plugins, **schedule.kwargs)  # bad options fail now
 
@@ -215,8 +233,10 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
                     for guidance in guidances:
                         for seed in seeds:
                             cells.append(Cell(name, model, component, schedule, budget, guidance, seed, n, dtype,
-                                              device, labels, metrics, batch_size, tolerance))
-    return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded)
+                                              device, model_labels[model], metrics, batch_size, tolerance,
+                                              guidance_type))
+    return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded,
+                 feature_extractor_weights_path=weights_path)
 
 
 def _component(entry: Any, kind: str, plugins: PluginManager) -> Component:

@@ -25,6 +25,7 @@ references (the data's mean and covariance, exact samples, exact log densities).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import NamedTuple
 
@@ -80,6 +81,12 @@ class GaussianMixture(nn.Module):
         self.register_buffer("component_class", component_class.to(torch.int64))
         self._cast: dict[tuple[torch.dtype, torch.device], _Parameters] = {}
         self.sigma_data = self.covariance().diagonal().mean().sqrt().item()
+        # names the exact distribution: caches of real-data features key on it, so a changed model never
+        # reuses features drawn from the old one
+        digest = hashlib.sha256()
+        for buffer in (self.weights, self.mu, self.Q, self.lambdas, self.c, self.component_class):
+            digest.update(buffer.cpu().contiguous().numpy().tobytes())
+        self.content_hash = digest.hexdigest()
 
     def _apply(self, *args, **kwargs):
         # .to() / .cuda() / .double() replace the buffers: the casts made from the old ones are stale
@@ -127,6 +134,14 @@ class GaussianMixture(nn.Module):
         params = self._parameters_as(x.dtype, x.device)
         log_joint, *_ = self._components(x.reshape(x.shape[0], -1), sigma, cond, params)
         return torch.logsumexp(log_joint, dim=-1)
+
+    def class_log_posterior(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+        """log p(class = labels | x; sigma), the exact noisy-class posterior: the responsibilities of the class's
+        components, summed. Its gradient is what classifier guidance adds (bench.guidance.ClassifierGuidance)."""
+        params = self._parameters_as(x.dtype, x.device)
+        log_joint, *_ = self._components(x.reshape(x.shape[0], -1), sigma, None, params)
+        in_class = params.component_class == labels.to(params.component_class.device)[:, None]
+        return torch.logsumexp(log_joint.masked_fill(~in_class, -math.inf), -1) - torch.logsumexp(log_joint, -1)
 
     def _components(self, x: Tensor, sigma: Tensor | float, cond: Tensor | None,
                     params: _Parameters) -> tuple[Tensor, Tensor, Tensor, Tensor]:

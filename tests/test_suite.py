@@ -52,7 +52,8 @@ def test_the_packaged_quick_suite_is_valid():
     (lambda t: t.replace('name = "heun"', 'name = "ddim"\netta = 1'), r"solver 'ddim' has no option 'etta'"),
     (lambda t: t.replace('n = 32', 'n = "many"'), r"n must hold whole numbers"),
     (lambda t: t.replace('n = 32', 'samples = 32'), r"unknown suite key 'samples'"),
-    (lambda t: 'guidance = [1.0]\n' + t, r"guidance needs labels: set labels = \"balanced\""),
+    (lambda t: 'guidance = [1.0]\nlabels = "none"\n' + t, r"guidance needs labels: set labels = \"balanced\""),
+    (lambda t: 'guidance = [1.0]\nguidance_type = "clf"\n' + t, r"unknown guidance type 'clf'"),
     (lambda t: 'labels = "all"\n' + t, r"unknown labels choice 'all'"),
     (lambda t: t.replace('nfe = [2, 4]', 'nfe = [2, 4]\nschedules = [{name = "karras", rhoo = 2}]'), r"rhoo"),
 ])
@@ -114,3 +115,18 @@ def test_malformed_toml_names_file_and_line(tmp_path):
 def test_missing_file():
     with pytest.raises(BenchError, match="cannot read suite 'nowhere.toml'"):
         load_suite("nowhere.toml")
+
+
+def test_labels_auto_is_balanced_for_conditional_models(tmp_path):
+    suite = load_suite(write_suite(tmp_path))
+    assert {cell.labels for cell in suite.cells} == {"balanced"}  # gmm2d has 8 classes
+    unconditional = load_suite(write_suite(tmp_path, 'labels = "none"\n' + TINY_SUITE))
+    assert {cell.labels for cell in unconditional.cells} == {"none"}
+
+
+def test_guidance_axis_and_type(tmp_path):
+    text = 'guidance = [0.0, 2.0]\nguidance_type = "classifier"\n' + TINY_SUITE
+    suite = load_suite(write_suite(tmp_path, text))
+    assert sorted({cell.guidance for cell in suite.cells}) == [0.0, 2.0]
+    assert {cell.guidance_type for cell in suite.cells} == {"classifier"}
+    assert len(suite.cells) == 16
