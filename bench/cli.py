@@ -21,14 +21,15 @@ def default_suite() -> Path:
 def command_run(args: argparse.Namespace) -> int:
     from bench.report import write_report
     from bench.runner import run_suite
-    from bench.store import read_results
+    from bench.store import read_grids, read_results
     from bench.suite import load_suite
 
     suite = load_suite(args.suite or default_suite(), device=args.device)
     summary = run_suite(suite, args.out, progress=not args.quiet)
     report_path = Path(args.report) if args.report else Path("reports") / f"{suite.name}.html"
     write_report(read_results(summary.store), report_path, title=f"samplerbench: {suite.name}",
-                 provenance=_provenance(summary.store, suite_path=str(suite.path)))
+                 provenance=_provenance(summary.store, suite_path=str(suite.path)),
+                 sample_grids=read_grids(summary.store))
     print(f"{summary.done} cells done, {summary.failed} failed, {summary.skipped} already done; "
           f"results in {summary.store}, report in {report_path}")
     return EXIT_FAILED_CELLS if summary.failed else 0
@@ -50,11 +51,12 @@ def command_list(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     from bench.report import write_report
-    from bench.store import read_results
+    from bench.store import read_grids, read_results
 
     results = Path(args.results)
     out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.html"
-    write_report(read_results(results), out, title=f"samplerbench: {results.stem}", provenance=_provenance(results))
+    write_report(read_results(results), out, title=f"samplerbench: {results.stem}", provenance=_provenance(results),
+                 sample_grids=read_grids(results))
     print(f"report in {out}")
     return 0
 

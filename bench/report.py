@@ -59,7 +59,8 @@ def write_report(
     """Write the HTML report of ``results`` (one row per cell) to ``out_path`` atomically; return the path.
 
     ``provenance`` (git sha, torch version, device, date, suite file, N, feature space, ...) is shown as a table.
-    ``sample_grids`` optionally maps a model name to PNG bytes of a grid of its samples (image models).
+    ``sample_grids`` optionally maps a cell key to PNG bytes of a grid of that cell's samples (image models); each
+    model's section shows them as a gallery, one per solver and NFE budget.
     """
     frame = _normalize(results)
     page = _render_page(frame, title=title, provenance=provenance or {}, sample_grids=sample_grids or {})
@@ -255,6 +256,42 @@ def _precision_recall(agg: pd.DataFrame, styles: dict[str, Style]) -> go.Figure:
     return _series_traces(fig, agg, styles, "recall", "precision", mode="markers", error_bars=False)
 
 
+def _guidance_varies(done: pd.DataFrame) -> bool:
+    return done["guidance"].dropna().nunique() > 1
+
+
+def _fid_vs_guidance(done: pd.DataFrame, styles: dict[str, Style]) -> go.Figure:
+    """FID against the guidance scale, one line per solver at its largest NFE budget."""
+    fig = _new_figure("FID vs guidance (each solver at its largest NFE budget)", "guidance scale w", "FID",
+                      log_x=False, log_y=True)
+    guided = done.dropna(subset=["guidance", "fid"])
+    for (label, schedule), cells in guided.groupby(["label", "schedule"], sort=True):
+        top = cells[cells["nfe_budget"] == cells["nfe_budget"].max()]
+        points = top.groupby("guidance", sort=True)["fid"].mean()
+        name = label if done["schedule"].nunique() == 1 else f"{label} · {schedule}"
+        style = styles.get(next(iter(top["series"])), None)
+        fig.add_trace(go.Scatter(x=points.index, y=points.values, mode="lines+markers", name=_plot_text(name),
+                                 line={"color": style.color} if style else None,
+                                 hovertemplate="w=%{x:g}<br>FID %{y:.4g}<extra></extra>"))
+    return fig
+
+
+def _precision_recall_by_guidance(agg: pd.DataFrame) -> go.Figure:
+    """Every (solver, NFE, guidance) point, coloured by its guidance scale: the fidelity/diversity trade-off."""
+    fig = _new_figure("precision vs recall, coloured by guidance", "recall", "precision", log_x=False, log_y=False)
+    fig.update_xaxes(range=[-0.02, 1.02])
+    fig.update_yaxes(range=[-0.02, 1.02])
+    points = agg.dropna(subset=["precision", "recall"])
+    points = points[np.isfinite(points["guidance_key"])]
+    fig.add_trace(go.Scatter(
+        x=points["recall"], y=points["precision"], mode="markers", name="cells",
+        marker={"color": points["guidance_key"], "colorscale": "Viridis", "showscale": True, "size": 9,
+                "colorbar": {"title": "w"}},
+        text=[_plot_text(f"{s} @ NFE {n:g}") for s, n in zip(points["series"], points["nfe"])],
+        hovertemplate="%{text}<br>recall %{x:.3f}, precision %{y:.3f}<extra></extra>"))
+    return fig
+
+
 def _figures(agg: pd.DataFrame, styles: dict[str, Style]) -> list[tuple[str, go.Figure]]:
     """The model's figures as (id suffix, figure); a figure whose metric was never computed is left out."""
     figures = [(f"{metric}-vs-nfe", _vs_nfe(agg, styles, metric, title, log_y=log_y))
@@ -337,6 +374,8 @@ def _provenance_table(provenance: Mapping[str, str]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 CSS = """
+img.samples { image-rendering: pixelated; width: 128px; height: auto; border: 1px solid #ddd; }
+.gallery { overflow-x: auto; } .gallery th { font-weight: normal; font-size: 0.85em; text-align: left; }
 body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1em; }
@@ -370,25 +409,46 @@ def _notes(frame: pd.DataFrame, provenance: Mapping[str, str]) -> str:
     return f'<p class="note">{html.escape(" ".join(parts))}</p>'
 
 
-def _sample_grid_html(png: bytes | None, model: str) -> str:
-    if not png:
-        return ""
+def _image(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return (f"<h3>Samples</h3><img class=\"samples\" alt=\"samples of {html.escape(model)}\" "
-            f"src=\"data:image/png;base64,{data}\">")
+    return f'<img class="samples" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _model_section(index: int, model: str, cells: pd.DataFrame, sample_grid: bytes | None) -> str:
+def _sample_gallery(done: pd.DataFrame, sample_grids: Mapping[str, bytes]) -> str:
+    """One grid per solver (row) and NFE budget (column), from the first seed of each."""
+    cells = done[done["key"].isin(sample_grids.keys())]
+    if cells.empty:
+        return ""
+    cells = cells.sort_values(["seed"], kind="stable").drop_duplicates(["series", "nfe_budget", "tolerance"])
+    budgets = sorted(cells["nfe_budget"].dropna().unique())
+    header = "".join(f"<th>NFE {int(b)}</th>" for b in budgets)
+    rows = []
+    for series, row_cells in cells.groupby("series", sort=True):
+        by_budget = {b: key for b, key in zip(row_cells["nfe_budget"], row_cells["key"])}
+        images = "".join(
+            f"<td>{_image(sample_grids[by_budget[b]], f'{series} at NFE {int(b)}') if b in by_budget else ''}</td>"
+            for b in budgets)
+        rows.append(f"<tr><th>{html.escape(series)}</th>{images}</tr>")
+    return (f'<h3>Samples</h3><div class="gallery"><table><tr><th></th>{header}</tr>{"".join(rows)}</table>'
+            "</div>")
+
+
+def _model_section(index: int, model: str, cells: pd.DataFrame, sample_grids: Mapping[str, bytes]) -> str:
     done = _with_series(_done(cells))
     parts = [f'<section id="model-{index}"><h2>Model: {html.escape(model)}</h2>']
     if done.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
         agg = _aggregate(done, ["seconds", *KNOWN_METRICS])
-        figures = _figures(agg, _styles(agg))
+        styles = _styles(agg)
+        figures = _figures(agg, styles)
+        if _guidance_varies(done) and _has(agg, "precision") and _has(agg, "recall"):
+            figures.append(("precision-recall-guidance", _precision_recall_by_guidance(agg)))
+        if _guidance_varies(done) and _has(agg, "fid"):
+            figures.append(("fid-vs-guidance", _fid_vs_guidance(done, styles)))
         divs = "".join(f"<div>{_figure_html(fig, f'fig-{index}-{name}')}</div>" for name, fig in figures)
         parts.append(f'<div class="figures">{divs}</div>')
-    parts.append(_sample_grid_html(sample_grid, model))
+    parts.append(_sample_gallery(done, sample_grids))
     parts.append(f"<h3>Best solver per NFE budget</h3>{_best_table(cells)}")
     parts.append(f"<h3>All cells</h3>{_cells_table(cells)}</section>")
     return "".join(parts)
@@ -411,7 +471,7 @@ def _render_page(frame: pd.DataFrame, *, title: str, provenance: Mapping[str, st
                  sample_grids: Mapping[str, bytes]) -> str:
     models = sorted(frame["model"].unique())
     sections = "".join(
-        _model_section(i, m, frame[frame["model"] == m], sample_grids.get(m)) for i, m in enumerate(models))
+        _model_section(i, m, frame[frame["model"] == m], sample_grids) for i, m in enumerate(models))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{CSS}</style>{_plotly_script()}</head>\n<body>"

@@ -82,7 +82,23 @@ def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache,
         value = plugins.get("metric", name).obj.compute(context)
         metrics[name] = None if value is None or not math.isfinite(value) else float(value)
     return {"nfe": out.nfe, "model_evals": out.model_evals, "steps": out.plan.steps, "seconds": out.seconds,
-            "metrics": metrics}
+            "metrics": metrics, "grid_png": sample_grid_png(out.x) if out.x.dim() == 4 else None}
+
+
+def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
+    """The first samples of a cell as one PNG grid; samples live in [-1, 1]."""
+    import io
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from bench.features import to_uint8
+
+    images = to_uint8(x[:count].cpu())
+    grid = make_grid(images, nrow=int(len(images) ** 0.5 + 0.999), padding=1, pad_value=255)
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _feature_space_or_none(model, weights_path: str | None) -> FeatureSpace | None:
@@ -140,5 +156,5 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                            metrics={})
                 failed += 1
             row["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            store.write(row)
+            store.write(row, grid_png=row.pop("grid_png", None))
     return RunSummary(store=store_path, done=done, failed=failed, skipped=skipped)

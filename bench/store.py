@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS cells (
     finished_at TEXT NOT NULL
 )
 """
+GRIDS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS grids (
+    key TEXT PRIMARY KEY,
+    png BLOB NOT NULL
+)
+"""
 COLUMNS = ("key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "dtype",
            "device", "status", "error", "nfe", "model_evals", "steps", "seconds", "metrics", "config", "environment",
            "finished_at")
@@ -54,13 +60,15 @@ class Store:
         self._connection = sqlite3.connect(self.path, timeout=60)
         with self._connection:
             self._connection.execute(SCHEMA)
+            self._connection.execute(GRIDS_SCHEMA)
 
     def done_keys(self) -> set[str]:
         rows = self._connection.execute("SELECT key FROM cells WHERE status = 'done'")
         return {key for (key,) in rows}
 
-    def write(self, row: dict[str, Any]) -> None:
-        """One cell's row, in one transaction; a failed cell run again replaces its old row."""
+    def write(self, row: dict[str, Any], grid_png: bytes | None = None) -> None:
+        """One cell's row (and its sample grid, for image models), in one transaction; a failed cell run again
+        replaces its old row."""
         values = dict(row)
         for column in ("metrics", "config", "environment"):
             values[column] = json.dumps(values[column], sort_keys=True, default=str)
@@ -72,6 +80,9 @@ class Store:
                 f"INSERT OR REPLACE INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                 [values[column] for column in COLUMNS],
             )
+            if grid_png is not None:
+                self._connection.execute("INSERT OR REPLACE INTO grids (key, png) VALUES (?, ?)",
+                                         (values["key"], grid_png))
 
     def close(self) -> None:
         self._connection.close()
@@ -104,3 +115,12 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
+
+
+def read_grids(path: str | Path) -> dict[str, bytes]:
+    """Sample grids (PNG bytes) by cell key."""
+    with sqlite3.connect(path) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "grids" not in tables:
+            return {}
+        return {key: bytes(png) for key, png in connection.execute("SELECT key, png FROM grids")}

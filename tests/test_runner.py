@@ -83,3 +83,21 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert (again.skipped, again.failed) == (10, 4)
     assert Exploding.runs - runs_before == 2 * 1 + 2 * 2  # raising in the warm-up; NaN after warm-up and run
     assert len(read_results(tmp_path / "tiny.sqlite")) == 14
+
+
+def test_image_models_store_a_sample_grid_per_cell_and_the_report_shows_them(tmp_path):
+    from bench.cli import main
+    from bench.store import read_grids
+
+    text = TINY_SUITE.replace('name = "gmm2d"', 'name = "gmm-image"').replace("seeds = [0, 1]", "seeds = [0]")
+    text = 'guidance = [0.0, 2.0]\n' + text
+    path = write_suite(tmp_path, text)
+    report = tmp_path / "tiny.html"
+    assert main(["run", str(path), "--out", str(tmp_path), "--report", str(report), "--quiet"]) == 0
+    grids = read_grids(tmp_path / "tiny.sqlite")
+    frame = read_results(tmp_path / "tiny.sqlite")
+    assert set(grids) == set(frame["key"])
+    assert all(png.startswith(b"\x89PNG") for png in grids.values())
+    page = report.read_text()
+    assert page.count('<img class="samples"') == len(grids)  # 2 solvers x 2 budgets x 2 guidance scales
+    assert "fig-0-fid-vs-guidance" in page and "fig-0-precision-recall-guidance" in page
