@@ -1,13 +1,14 @@
-"""The built-in metrics: trajectory error against the reference ODE solution; FID, precision and recall with
-torch-fidelity's own functions in the model's feature space; and, for models that know their true moments, the
-exact Frechet distance to the data distribution."""
+"""The built-in metrics: trajectory error against the reference ODE solution; FID, KID, precision and recall in
+the model's feature space (torch-fidelity's values: bench/distances.py computes FID and precision/recall on the
+device and is checked against torch-fidelity's functions; KID is torch-fidelity's own function); and, for models
+that know their true moments, the exact Frechet distance to the data distribution."""
 
 from __future__ import annotations
 
 import torch
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_prc import calculate_precision_recall_part
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
+from bench.distances import Statistics, feature_statistics, frechet_distance, precision_recall
 from bench.hookspecs import hookimpl
 from bench.metrics import Metric, MetricContext
 
@@ -23,17 +24,21 @@ def trajectory_error(context: MetricContext) -> float | None:
 
 
 def fid(context: MetricContext) -> float:
-    samples = fid_features_to_statistics(context.features())
     data = context.shared.get("fid-statistics|" + context.reference_key,
-                              lambda: fid_features_to_statistics(context.reference_features()))
-    return fid_statistics_to_metric(samples, data, verbose=False)[KEY_METRIC_FID]
+                              lambda: feature_statistics(context.reference_features()))
+    return frechet_distance(feature_statistics(context.features()), data)
+
+
+def kid(context: MetricContext) -> float:
+    """torch-fidelity's KID (polynomial kernel, 100 subsets of up to 1000), with subsets no larger than N."""
+    subset = min(1000, len(context.samples))
+    return kid_features_to_metric(context.features().cpu(), context.reference_features().cpu(), kid_subsets=100,
+                                  kid_subset_size=subset, verbose=False)[KEY_METRIC_KID_MEAN]
 
 
 def _precision_recall(context: MetricContext) -> tuple[float, float]:
-    return context.memo(
-        "precision-recall",
-        lambda: calculate_precision_recall_part(context.features(), context.reference_features(), NEIGHBORHOOD),
-    )
+    return context.memo("precision-recall",
+                        lambda: precision_recall(context.features(), context.reference_features(), NEIGHBORHOOD))
 
 
 def precision(context: MetricContext) -> float:
@@ -50,9 +55,7 @@ def frechet_exact(context: MetricContext) -> float | None:
     model = context.model
     if not hasattr(model, "mean") or not hasattr(model, "covariance"):
         return None
-    mean, covariance = _true_moments(model, context.labels)
-    truth = {"mu": mean.cpu().numpy(), "sigma": covariance.cpu().numpy()}
-    return fid_statistics_to_metric(fid_features_to_statistics(context.features()), truth, verbose=False)[KEY_METRIC_FID]
+    return frechet_distance(feature_statistics(context.features()), Statistics(*_true_moments(model, context.labels)))
 
 
 def _true_moments(model, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +77,7 @@ def register_metrics(register):
              name="trajectory_error")
     register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space"),
              name="fid")
+    register(Metric(kid, "lower", "Kernel distance to as many real samples (torch-fidelity's KID)"), name="kid")
     register(Metric(precision, "higher", f"Kynkaanniemi et al. precision, k={NEIGHBORHOOD}"), name="precision")
     register(Metric(recall, "higher", f"Kynkaanniemi et al. recall, k={NEIGHBORHOOD}"), name="recall")
     register(Metric(frechet_exact, "lower", "Frechet distance to the true data moments"), name="frechet_exact")
