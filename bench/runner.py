@@ -16,14 +16,17 @@ import torch
 from tqdm import tqdm
 
 import bench
-from bench.errors import BenchError
+from bench.errors import BenchError, unknown_name
 from bench.features import FeatureSpace, feature_space_for
 from bench.metrics import MetricContext, SharedCache, model_id
 from bench.reference import ReferenceCache
 from bench.registry import PluginManager, manager
-from bench.sampling import load_model, sample
+from bench.sampling import SampleOutput, load_model, sample
 from bench.store import Store
 from bench.suite import Cell, Suite
+
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -62,27 +65,46 @@ def labels_for(cell: Cell, model) -> torch.Tensor | None:
     return torch.arange(cell.n) % model.num_classes  # balanced: sample i gets class i mod C
 
 
-def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache, plugins: PluginManager,
-             feature_space: FeatureSpace | None = None) -> dict[str, Any]:
-    """Sample and measure one cell; the row's measured part. Raises on failure."""
+def sample_shard(cell: Cell, model, plugins: PluginManager, start: int = 0, stop: int | None = None) -> SampleOutput:
+    """Samples start .. stop - 1 of a cell (all of them by default): a shard draws exactly the samples the whole
+    cell would, by per-sample seeding."""
+    stop = cell.n if stop is None else stop
     labels = labels_for(cell, model)
-    out = sample(model, cell.solver.name, nfe=cell.nfe, n=cell.n, seed=cell.seed, schedule=cell.schedule.name,
-                 schedule_options=cell.schedule.kwargs, dtype=cell.dtype, guidance=cell.guidance, labels=labels,
-                 guidance_type=cell.guidance_type,
-                 batch_size=cell.batch_size, device=cell.device, plugins=plugins, **cell.solver_options)
-    finite = torch.isfinite(out.x).all().item()
-    if not finite:
-        bad = (~torch.isfinite(out.x.flatten(1))).any(dim=1).sum().item()
+    return sample(model, cell.solver.name, nfe=cell.nfe, n=stop - start, offset=start, seed=cell.seed,
+                  schedule=cell.schedule.name, schedule_options=cell.schedule.kwargs, dtype=cell.dtype,
+                  guidance=cell.guidance, guidance_type=cell.guidance_type,
+                  labels=labels[start:stop] if labels is not None else None, batch_size=cell.batch_size,
+                  device=cell.device, plugins=plugins, **cell.solver_options)
+
+
+def measure(cell: Cell, model, shards: list[SampleOutput], references: ReferenceCache, shared: SharedCache,
+            plugins: PluginManager, feature_space: FeatureSpace | None = None) -> dict[str, Any]:
+    """The row's measured part from a cell's samples (one shard, or several in sample order). Raises on failure."""
+    x = torch.cat([shard.x.to(shards[0].x.device) for shard in shards])
+    x_T = torch.cat([shard.x_T.to(x.device) for shard in shards])
+    if not torch.isfinite(x).all().item():
+        bad = (~torch.isfinite(x.flatten(1))).any(dim=1).sum().item()
         raise FloatingPointError(f"{bad} of {cell.n} samples are not finite")
     context = MetricContext(model=model, model_id=model_id(cell.model.name, cell.model.kwargs, model),
-                            samples=out.x, x_T=out.x_T, labels=labels, seed=cell.seed, stochastic=out.stochastic,
-                            references=references, shared=shared, feature_space=feature_space)
+                            samples=x, x_T=x_T, labels=labels_for(cell, model), seed=cell.seed,
+                            stochastic=shards[0].stochastic, references=references, shared=shared,
+                            feature_space=feature_space)
     metrics = {}
     for name in cell.metrics:
         value = plugins.get("metric", name).obj.compute(context)
         metrics[name] = None if value is None or not math.isfinite(value) else float(value)
-    return {"nfe": out.nfe, "model_evals": out.model_evals, "steps": out.plan.steps, "seconds": out.seconds,
-            "metrics": metrics, "grid_png": sample_grid_png(out.x) if out.x.dim() == 4 else None}
+    sizes = [len(shard.x) for shard in shards]
+    nfe = sum(shard.nfe * size for shard, size in zip(shards, sizes)) / cell.n  # per sample; adaptive NFE varies
+    model_evals = sum(shard.model_evals * size for shard, size in zip(shards, sizes)) / cell.n
+    return {"nfe": nfe, "model_evals": model_evals, "steps": shards[0].plan.steps,
+            "seconds": sum(shard.seconds for shard in shards), "metrics": metrics,
+            "grid_png": sample_grid_png(x) if x.dim() == 4 else None}
+
+
+def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache, plugins: PluginManager,
+             feature_space: FeatureSpace | None = None) -> dict[str, Any]:
+    """Sample and measure one cell in this process; the row's measured part. Raises on failure."""
+    return measure(cell, model, [sample_shard(cell, model, plugins)], references, shared, plugins, feature_space)
 
 
 def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
@@ -110,41 +132,68 @@ def _feature_space_or_none(model, weights_path: str | None) -> FeatureSpace | No
 
 
 def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
-              progress: bool = True) -> RunSummary:
+              progress: bool = True, executor: str = "local", shards: int = 1,
+              ray_address: str | None = None) -> RunSummary:
+    """Run every cell not yet done; the driver writes each row, in one transaction, as its cell finishes.
+
+    ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.executors); the
+    samples, and so the rows, are the local executor's, since every sample's noise depends on its index alone.
+    """
     plugins = plugins or manager()
+    if executor not in EXECUTORS:
+        raise unknown_name("executor", executor, EXECUTORS)
+    if shards < 1:
+        raise BenchError(f"shards must be >= 1; got {shards}")
     out_dir = Path(out_dir)
     store_path = out_dir / f"{suite.name}.sqlite"
     references = ReferenceCache(out_dir / "cache")
     shared = SharedCache(out_dir / "cache")
     models: dict[tuple[Any, str], Any] = {}
     feature_spaces: dict[Any, FeatureSpace | None] = {}
-    done = failed = skipped = 0
-    env_by_device: dict[str, dict[str, Any]] = {}
+    environments: dict[str, dict[str, Any]] = {}
+
+    def model_for(cell: Cell):
+        if (cell.model, cell.device) not in models:
+            loaded = suite.models.get(cell.model) if cell.device == "cpu" else None
+            models[cell.model, cell.device] = loaded or load_model(cell.model.name, device=cell.device,
+                                                                  plugins=plugins, **cell.model.kwargs)
+            feature_spaces[cell.model] = _feature_space_or_none(models[cell.model, cell.device],
+                                                                suite.feature_extractor_weights_path)
+        return models[cell.model, cell.device]
+
+    def local_outcomes(cells: list[Cell]):
+        for cell in cells:
+            yield cell, lambda cell=cell: run_cell(cell, model_for(cell), references, shared, plugins,
+                                                   feature_spaces[cell.model])
+
+    def ray_outcomes(cells: list[Cell]):
+        from bench.executors import ray_shards
+
+        for cell, shard_outputs in ray_shards(cells, shards, address=ray_address):
+            def produce(cell=cell, shard_outputs=shard_outputs):
+                if isinstance(shard_outputs, BaseException):
+                    raise shard_outputs
+                return measure(cell, model_for(cell), shard_outputs, references, shared, plugins,
+                               feature_spaces[cell.model])
+            yield cell, produce
+
+    done = failed = 0
     with Store(store_path) as store:
         finished = store.done_keys()
-        bar = tqdm(suite.cells, desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
-        for cell in bar:
-            if cell.key in finished:
-                skipped += 1
-                continue
+        pending = [cell for cell in suite.cells if cell.key not in finished]
+        outcomes = local_outcomes(pending) if executor == "local" else ray_outcomes(pending)
+        bar = tqdm(outcomes, total=len(pending), desc=suite.name, unit="cell", disable=not progress,
+                   file=sys.stderr)
+        for cell, produce in bar:
             budget = f"nfe={cell.nfe}" if cell.tolerance is None else f"tol={cell.tolerance:g}"
             bar.set_postfix_str(f"{cell.model.name} {cell.solver.describe()} {budget}", refresh=False)
-            if (cell.model, cell.device) not in models:
-                loaded = suite.models.get(cell.model) if cell.device == "cpu" else None
-                models[cell.model, cell.device] = loaded or load_model(cell.model.name, device=cell.device,
-                                                                      plugins=plugins, **cell.model.kwargs)
-            model = models[cell.model, cell.device]
-            if cell.model not in feature_spaces:
-                feature_spaces[cell.model] = _feature_space_or_none(model, suite.feature_extractor_weights_path)
             row = {"key": cell.key, "suite": cell.suite, "model": cell.model.describe(), "solver": cell.solver.name,
                    "label": cell.solver.describe(), "schedule": cell.schedule.describe(), "nfe_budget": cell.nfe,
-                   "tolerance": cell.tolerance,
-                   "guidance": cell.guidance, "seed": cell.seed, "n": cell.n, "dtype": cell.dtype,
-                   "device": cell.device, "config": cell.config(),
-                   "environment": env_by_device.setdefault(cell.device, environment(cell.device))}
+                   "tolerance": cell.tolerance, "guidance": cell.guidance, "seed": cell.seed, "n": cell.n,
+                   "dtype": cell.dtype, "device": cell.device, "config": cell.config(),
+                   "environment": environments.setdefault(cell.device, environment(cell.device))}
             try:
-                row.update(run_cell(cell, model, references, shared, plugins, feature_spaces[cell.model]),
-                           status="done", error=None)
+                row.update(produce(), status="done", error=None)
                 done += 1
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -157,4 +206,4 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                 failed += 1
             row["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             store.write(row, grid_png=row.pop("grid_png", None))
-    return RunSummary(store=store_path, done=done, failed=failed, skipped=skipped)
+    return RunSummary(store=store_path, done=done, failed=failed, skipped=len(suite.cells) - len(pending))

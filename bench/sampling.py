@@ -90,7 +90,7 @@ def model_device(model: Denoiser) -> torch.device:
 def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = None, n: int, seed: int = 0,
            schedule: str = "karras", dtype: torch.dtype | str = torch.float32, guidance: float | None = None,
            labels: Tensor | None = None, guidance_type: str = "classifier-free", batch_size: int | None = None,
-           device: str | torch.device | None = None,
+           device: str | torch.device | None = None, offset: int = 0,
            schedule_options: dict[str, Any] | None = None, warmup: bool = True,
            plugins: PluginManager | None = None, **solver_options: Any) -> SampleOutput:
     """Sample ``n`` points with ``solver`` under an NFE budget; solver options come as keywords.
@@ -100,7 +100,8 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     their noisy-class posterior); see bench.guidance for the conventions.
 
     Sample i of seed s starts from the same x_T (and, for stochastic solvers, sees the same per-step noise)
-    whatever n, batch_size or device: noise is a function of (seed, i) alone.
+    whatever n, batch_size or device: noise is a function of (seed, i) alone. ``offset`` makes this call draw
+    samples offset .. offset + n - 1 (a shard of a larger cell; ``labels`` then hold the shard's n labels).
     """
     if isinstance(model, str):
         model = load_model(model, device=device or "cpu", plugins=plugins)
@@ -133,13 +134,15 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         raise BenchError(str(error)) from None
     batch_size = batch_size or n
     if warmup:  # first-call costs (allocator, kernel selection) stay out of the timing
-        _run_batch(network, solver, plan, sigmas, seed, torch.arange(min(n, 8)), labels, dtype, device)
+        positions = torch.arange(min(n, 8))
+        _run_batch(network, solver, plan, sigmas, seed, offset + positions, _take(labels, positions), dtype, device)
 
     stopwatch = Stopwatch(device)
     samples, initial_states, counts = [], [], []
     for start in range(0, n, batch_size):
-        indices = torch.arange(start, min(start + batch_size, n))
-        x, x_T, counted = _run_batch(network, solver, plan, sigmas, seed, indices, labels, dtype, device, stopwatch)
+        positions = torch.arange(start, min(start + batch_size, n))
+        x, x_T, counted = _run_batch(network, solver, plan, sigmas, seed, offset + positions, _take(labels, positions),
+                                     dtype, device, stopwatch)
         samples.append(x)
         initial_states.append(x_T)
         counts.append(counted)
@@ -154,12 +157,17 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
                         stochastic=solver.stochastic)
 
 
+def _take(labels: Tensor | None, positions: Tensor) -> Tensor | None:
+    return labels[positions] if labels is not None else None
+
+
 def _run_batch(network, solver: Solver, plan: Plan, sigmas: Tensor, seed: int, indices: Tensor,
                labels: Tensor | None, dtype: torch.dtype, device: torch.device,
                stopwatch: Stopwatch | None = None) -> tuple[Tensor, Tensor, CountingDenoiser]:
+    """One batch: the samples with global ``indices`` (their noise) and ``labels`` (their classes)."""
     shape = tuple(network.shape)
     x_T = (gaussian(seed, indices, shape, dtype=torch.float64, device=device) * float(sigmas[0])).to(dtype)
-    cond = labels[indices].to(device) if labels is not None else None
+    cond = labels.to(device) if labels is not None else None
     denoise = CountingDenoiser(network, cond)
     noise = NoiseStream(seed, indices, shape, dtype, device) if solver.stochastic else None
     with torch.inference_mode():
