@@ -11,6 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from bench.denoiser import CountingDenoiser, Denoiser
+from bench.diffusers_adapter import from_diffusers
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
 from bench.metrics import Metric
@@ -37,5 +38,5 @@ def list_metrics() -> list[str]:
 
 __all__ = [
     "BenchError", "CountingDenoiser", "Denoiser", "Metric", "Plan", "SampleOutput", "Solver", "hookimpl",
-    "list_metrics", "list_models", "list_schedules", "list_solvers", "load_model", "sample",
+    "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers", "load_model", "sample",
 ]
