@@ -33,11 +33,20 @@ def _hash32(a: Tensor) -> Tensor:
     return a ^ (a >> 15)
 
 
+def _hash32_int(a: int) -> int:
+    """_hash32 on a Python int: the (seed, stream) part of a key needs no device work, nor a host-to-device copy
+    (which a CUDA graph could not capture)."""
+    a ^= a >> 16
+    a = (a * 0x21F0AAAD) & _MASK32
+    a ^= a >> 15
+    a = (a * 0x735A2D97) & _MASK32
+    return a ^ (a >> 15)
+
+
 def _key(seed: int, stream: int, indices: Tensor) -> Tensor:
     """One 32-bit key per sample from (seed, stream, sample index)."""
-    seed_key = _hash32(torch.tensor([(seed & _MASK32) ^ 0x9E3779B9], dtype=torch.int64, device=indices.device))
-    seed_key = _hash32(seed_key ^ ((seed >> 32) & _MASK32))
-    stream_key = _hash32(seed_key ^ (stream & _MASK32))
+    seed_key = _hash32_int(_hash32_int((seed & _MASK32) ^ 0x9E3779B9) ^ ((seed >> 32) & _MASK32))
+    stream_key = _hash32_int(seed_key ^ (stream & _MASK32))
     return _hash32(stream_key ^ _hash32(indices & _MASK32) ^ _hash32((indices >> 32) + 0x85EBCA6B))
 
 

@@ -29,7 +29,8 @@ from plotly.colors import qualitative
 # since we do not know which direction is better).
 FIXED_COLUMNS = (
     "key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n",
-    "status", "error", "nfe", "model_evals", "seconds", "device",
+    "status", "error", "nfe", "model_evals", "seconds", "device", "steps", "batch_size", "peak_memory_bytes",
+    "network_precision",
 )
 KNOWN_METRICS = ("trajectory_error", "fid", "frechet_exact", "kid", "precision", "recall")
 # Quality metrics (lower is better) that get a "vs NFE" plot. KID's unbiased estimate can be <= 0: linear y.
@@ -139,6 +140,8 @@ def _with_series(done: pd.DataFrame) -> pd.DataFrame:
         name = name + " · " + done["schedule"]
     if done["guidance"].nunique(dropna=False) > 1:
         name = name + " · " + done["guidance"].map(lambda g: "no guidance" if pd.isna(g) else f"w={g:g}")
+    if "network_precision" in done.columns and done["network_precision"].nunique() > 1:
+        name = name + " · " + done["network_precision"].astype(str)
     done["series"] = name
     done["guidance_key"] = done["guidance"].fillna(-np.inf)  # groupby keys must not drop NaN guidance
     return done

@@ -74,7 +74,8 @@ def sample_shard(cell: Cell, model, plugins: PluginManager, start: int = 0, stop
                   schedule=cell.schedule.name, schedule_options=cell.schedule.kwargs, dtype=cell.dtype,
                   guidance=cell.guidance, guidance_type=cell.guidance_type,
                   labels=labels[start:stop] if labels is not None else None, batch_size=cell.batch_size,
-                  device=cell.device, plugins=plugins, **cell.solver_options)
+                  device=cell.device, precision=cell.precision, cuda_graph=cell.cuda_graph, plugins=plugins,
+                  **cell.solver_options)
 
 
 def measure(cell: Cell, model, shards: list[SampleOutput], references: ReferenceCache, shared: SharedCache,
@@ -96,8 +97,10 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
     sizes = [len(shard.x) for shard in shards]
     nfe = sum(shard.nfe * size for shard, size in zip(shards, sizes)) / cell.n  # per sample; adaptive NFE varies
     model_evals = sum(shard.model_evals * size for shard, size in zip(shards, sizes)) / cell.n
+    peaks = [shard.peak_memory_bytes for shard in shards if shard.peak_memory_bytes is not None]
     return {"nfe": nfe, "model_evals": model_evals, "steps": shards[0].plan.steps,
             "seconds": sum(shard.seconds for shard in shards), "metrics": metrics,
+            "batch_size": min(shard.batch_size for shard in shards), "peak_memory_bytes": max(peaks) if peaks else None,
             "grid_png": sample_grid_png(x) if x.dim() == 4 else None}
 
 
@@ -190,7 +193,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
             row = {"key": cell.key, "suite": cell.suite, "model": cell.model.describe(), "solver": cell.solver.name,
                    "label": cell.solver.describe(), "schedule": cell.schedule.describe(), "nfe_budget": cell.nfe,
                    "tolerance": cell.tolerance, "guidance": cell.guidance, "seed": cell.seed, "n": cell.n,
-                   "dtype": cell.dtype, "device": cell.device, "config": cell.config(),
+                   "dtype": cell.dtype, "network_precision": cell.precision, "device": cell.device, "config": cell.config(),
                    "environment": environments.setdefault(cell.device, environment(cell.device))}
             try:
                 row.update(produce(), status="done", error=None)
@@ -202,7 +205,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                 if not isinstance(error, (BenchError, FloatingPointError)):
                     message += "\n" + "".join(traceback.format_tb(error.__traceback__)[-3:])
                 row.update(status="failed", error=message, nfe=None, model_evals=None, steps=None, seconds=None,
-                           metrics={})
+                           metrics={}, batch_size=None, peak_memory_bytes=None)
                 failed += 1
             row["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             store.write(row, grid_png=row.pop("grid_png", None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ from bench.solver import Plan, Solver, build_solver
 from bench.timing import Stopwatch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # of the network's arithmetic; the solver's state keeps its dtype
 
 
 @dataclass
@@ -30,6 +33,8 @@ class SampleOutput:
     sigmas: Tensor  # the grid, float64
     labels: Tensor | None
     stochastic: bool  # whether the solver drew per-step noise (its samples then follow no ODE trajectory)
+    batch_size: int = 0  # the batch actually used (halved from n until it fit, when none was given)
+    peak_memory_bytes: int | None = None  # peak device memory while sampling (CUDA only)
 
 
 def load_model(name: str, device: str | torch.device = "cpu", *, plugins: PluginManager | None = None,
@@ -90,8 +95,8 @@ def model_device(model: Denoiser) -> torch.device:
 def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = None, n: int, seed: int = 0,
            schedule: str = "karras", dtype: torch.dtype | str = torch.float32, guidance: float | None = None,
            labels: Tensor | None = None, guidance_type: str = "classifier-free", batch_size: int | None = None,
-           device: str | torch.device | None = None, offset: int = 0,
-           schedule_options: dict[str, Any] | None = None, warmup: bool = True,
+           device: str | torch.device | None = None, offset: int = 0, precision: str = "fp32",
+           cuda_graph: bool = False, schedule_options: dict[str, Any] | None = None, warmup: bool = True,
            plugins: PluginManager | None = None, **solver_options: Any) -> SampleOutput:
     """Sample ``n`` points with ``solver`` under an NFE budget; solver options come as keywords.
 
@@ -102,6 +107,11 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     Sample i of seed s starts from the same x_T (and, for stochastic solvers, sees the same per-step noise)
     whatever n, batch_size or device: noise is a function of (seed, i) alone. ``offset`` makes this call draw
     samples offset .. offset + n - 1 (a shard of a larger cell; ``labels`` then hold the shard's n labels).
+
+    ``precision`` sets the network's arithmetic ("fp32", "tf32", "bf16" or "fp16" under autocast) while the
+    solver's state stays in ``dtype``. ``cuda_graph`` captures a fixed-step solver's whole loop for one batch shape
+    and replays it per batch (identical samples, no launch overhead). Without a ``batch_size``, the batch is all n
+    samples, halved until it fits in device memory.
     """
     if isinstance(model, str):
         model = load_model(model, device=device or "cpu", plugins=plugins)
@@ -132,48 +142,137 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         network = GUIDANCE_KINDS[guidance_type](model, guidance) if guidance else model  # w = 0: plain conditional
     except ValueError as error:
         raise BenchError(str(error)) from None
-    batch_size = batch_size or n
-    if warmup:  # first-call costs (allocator, kernel selection) stay out of the timing
-        positions = torch.arange(min(n, 8))
-        _run_batch(network, solver, plan, sigmas, seed, offset + positions, _take(labels, positions), dtype, device)
-
-    stopwatch = Stopwatch(device)
-    samples, initial_states, counts = [], [], []
-    for start in range(0, n, batch_size):
-        positions = torch.arange(start, min(start + batch_size, n))
-        x, x_T, counted = _run_batch(network, solver, plan, sigmas, seed, offset + positions, _take(labels, positions),
-                                     dtype, device, stopwatch)
-        samples.append(x)
-        initial_states.append(x_T)
-        counts.append(counted)
-    # a fixed-step solver makes the same calls for every batch; an adaptive one's vary with the batch
-    nfe_counted = sum(count.nfe for count in counts) / len(counts)
-    evals_counted = sum(count.model_evals for count in counts) / len(counts)
-    if nfe_counted.is_integer():
-        nfe_counted, evals_counted = int(nfe_counted), int(evals_counted)
-    return SampleOutput(x=torch.cat(samples), x_T=torch.cat(initial_states), nfe=nfe_counted,
-                        model_evals=evals_counted, seconds=stopwatch.seconds(),
-                        plan=plan, sigmas=sigmas, labels=labels,
-                        stochastic=solver.stochastic)
+    if precision not in PRECISIONS:
+        raise unknown_name("precision", precision, PRECISIONS)
+    if cuda_graph and (device.type != "cuda" or solver.adaptive):
+        raise BenchError("cuda_graph needs a CUDA device and a fixed-step solver "
+                         f"(got device {device.type!r}, solver {solver.describe()})")
+    run = _Run(network, solver, plan, sigmas, seed, offset, labels, dtype, device, precision, cuda_graph)
+    if batch_size is not None:
+        return run.sample(n, batch_size, warmup)
+    batch_size = n
+    while True:
+        try:
+            return run.sample(n, batch_size, warmup)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = (batch_size + 1) // 2
+            torch.cuda.empty_cache()
 
 
-def _take(labels: Tensor | None, positions: Tensor) -> Tensor | None:
-    return labels[positions] if labels is not None else None
+@contextmanager
+def numerics(precision: str, device: torch.device) -> Iterator[None]:
+    """tf32: TensorFloat-32 tensor cores for float32 matrix products and convolutions; bf16 / fp16: the network
+    under autocast. Elementwise solver arithmetic is not autocast, so the state stays in its own dtype."""
+    if precision in ("bf16", "fp16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
+            yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _run_batch(network, solver: Solver, plan: Plan, sigmas: Tensor, seed: int, indices: Tensor,
-               labels: Tensor | None, dtype: torch.dtype, device: torch.device,
-               stopwatch: Stopwatch | None = None) -> tuple[Tensor, Tensor, CountingDenoiser]:
-    """One batch: the samples with global ``indices`` (their noise) and ``labels`` (their classes)."""
-    shape = tuple(network.shape)
-    x_T = (gaussian(seed, indices, shape, dtype=torch.float64, device=device) * float(sigmas[0])).to(dtype)
-    cond = labels.to(device) if labels is not None else None
-    denoise = CountingDenoiser(network, cond)
-    noise = NoiseStream(seed, indices, shape, dtype, device) if solver.stochastic else None
-    with torch.inference_mode():
-        if stopwatch is None:
-            x = solver.sample(denoise, x_T, sigmas, plan, noise)
-        else:
-            with stopwatch:
-                x = solver.sample(denoise, x_T, sigmas, plan, noise)
-    return x, x_T, denoise
+@dataclass
+class _Run:
+    """Everything about a sampling run but the batching: what one batch needs to be drawn."""
+
+    network: Any
+    solver: Solver
+    plan: Plan
+    sigmas: Tensor
+    seed: int
+    offset: int
+    labels: Tensor | None
+    dtype: torch.dtype
+    device: torch.device
+    precision: str
+    cuda_graph: bool
+
+    def sample(self, n: int, batch_size: int, warmup: bool) -> SampleOutput:
+        graph = _GraphedBatch(self, min(batch_size, n)) if self.cuda_graph else None  # captured after a warm-up
+        if warmup and graph is None:  # first-call costs (allocator, kernel selection) stay out of the timing
+            self.batch(torch.arange(min(n, 8)))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stopwatch = Stopwatch(self.device)
+        samples, initial_states, counts = [], [], []
+        for start in range(0, n, batch_size):
+            positions = torch.arange(start, min(start + batch_size, n))
+            x, x_T, counted = graph(positions, stopwatch) if graph else self.batch(positions, stopwatch)
+            samples.append(x)
+            initial_states.append(x_T)
+            counts.append(counted)
+        # a fixed-step solver makes the same calls for every batch; an adaptive one's vary with the batch
+        nfe = sum(count[0] for count in counts) / len(counts)
+        model_evals = sum(count[1] for count in counts) / len(counts)
+        if nfe.is_integer():
+            nfe, model_evals = int(nfe), int(model_evals)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return SampleOutput(x=torch.cat(samples), x_T=torch.cat(initial_states), nfe=nfe, model_evals=model_evals,
+                            seconds=stopwatch.seconds(), plan=self.plan, sigmas=self.sigmas, labels=self.labels,
+                            stochastic=self.solver.stochastic, batch_size=batch_size, peak_memory_bytes=peak)
+
+    def draw(self, indices: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, CountingDenoiser]:
+        """x_T of the samples with global ``indices``, and the solver's result from it: all device work."""
+        shape = tuple(self.network.shape)
+        x_T = (gaussian(self.seed, indices, shape, dtype=torch.float64, device=self.device)
+               * float(self.sigmas[0])).to(self.dtype)
+        denoise = CountingDenoiser(self.network, cond)
+        noise = NoiseStream(self.seed, indices, shape, self.dtype, self.device) if self.solver.stochastic else None
+        with numerics(self.precision, self.device):
+            x = self.solver.sample(denoise, x_T, self.sigmas, self.plan, noise)
+        return x, x_T, denoise
+
+    def batch(self, positions: Tensor, stopwatch: Stopwatch | None = None) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        indices = (self.offset + positions).to(self.device)
+        cond = self.labels[positions].to(self.device) if self.labels is not None else None
+        with torch.inference_mode():
+            if stopwatch is None:
+                x, x_T, denoise = self.draw(indices, cond)
+            else:
+                with stopwatch:
+                    x, x_T, denoise = self.draw(indices, cond)
+        return x, x_T, (denoise.nfe, denoise.model_evals)
+
+
+class _GraphedBatch:
+    """A run's whole solver loop for one batch shape, captured once as a CUDA graph and replayed per batch.
+
+    The sample indices and labels live in static device buffers that each batch overwrites before the replay;
+    a short last batch is padded with copies of its last sample and cut back afterwards. The calls a replay makes
+    are the calls captured, so the counted NFE is the capture's.
+    """
+
+    def __init__(self, run: _Run, batch_size: int) -> None:
+        self.run, self.batch_size = run, batch_size
+        self.indices = torch.zeros(batch_size, dtype=torch.int64, device=run.device)
+        self.cond = torch.zeros(batch_size, dtype=torch.int64, device=run.device) if run.labels is not None else None
+        self._fill(torch.arange(batch_size))
+        side = torch.cuda.Stream(run.device)  # capture needs its lazy initialisations done on a side stream first
+        side.wait_stream(torch.cuda.current_stream(run.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            run.draw(self.indices, self.cond)
+        torch.cuda.current_stream(run.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.x, self.x_T, denoise = run.draw(self.indices, self.cond)
+        self.counts = (denoise.nfe, denoise.model_evals)
+
+    def _fill(self, positions: Tensor) -> None:
+        padded = torch.cat([positions, positions[-1:].expand(self.batch_size - len(positions))])
+        self.indices.copy_(self.run.offset + padded)
+        if self.cond is not None:
+            self.cond.copy_(self.run.labels[padded])
+
+    def __call__(self, positions: Tensor, stopwatch: Stopwatch) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        self._fill(positions)
+        with stopwatch:
+            self.graph.replay()
+        return self.x[: len(positions)].clone(), self.x_T[: len(positions)].clone(), self.counts
+
+

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS cells (
     seed INTEGER NOT NULL,
     n INTEGER NOT NULL,
     dtype TEXT NOT NULL,
+    network_precision TEXT NOT NULL,
     device TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
     error TEXT,
@@ -35,6 +36,8 @@ CREATE TABLE IF NOT EXISTS cells (
     model_evals REAL,
     steps INTEGER,
     seconds REAL,
+    batch_size INTEGER,
+    peak_memory_bytes INTEGER,
     metrics TEXT NOT NULL,
     config TEXT NOT NULL,
     environment TEXT NOT NULL,
@@ -48,8 +51,8 @@ CREATE TABLE IF NOT EXISTS grids (
 )
 """
 COLUMNS = ("key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "dtype",
-           "device", "status", "error", "nfe", "model_evals", "steps", "seconds", "metrics", "config", "environment",
-           "finished_at")
+           "network_precision", "device", "status", "error", "nfe", "model_evals", "steps", "seconds", "batch_size",
+           "peak_memory_bytes", "metrics", "config", "environment", "finished_at")
 
 
 class Store:

@@ -13,6 +13,8 @@
     labels = "auto"              # "balanced" (sample i gets class i mod C), "none", or "auto": balanced for
                                  # conditional models, none for unconditional ones
     feature_extractor_weights_path = "..."   # Inception weights, for 3xHxW models without a feature space
+    precision = ["fp32", "bf16"]  # the network's arithmetic: fp32, tf32, bf16, fp16 (a list is an axis)
+    cuda_graph = true            # capture fixed-step solvers' loops as CUDA graphs (cuda only)
 
     [[models]]
     name = "gmm2d"
@@ -43,11 +45,12 @@ from typing import Any
 from bench.errors import BenchError, unknown_name
 from bench.guidance import GUIDANCE_KINDS
 from bench.registry import PluginManager, manager
-from bench.sampling import load_model, make_sigmas
+from bench.sampling import PRECISIONS, load_model, make_sigmas
 from bench.solver import build_solver
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
-              "guidance", "guidance_type", "labels", "models", "solvers", "feature_extractor_weights_path"}
+              "guidance", "guidance_type", "labels", "models", "solvers", "feature_extractor_weights_path",
+              "precision", "cuda_graph"}
 SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 LABELS = ("auto", "none", "balanced")
@@ -92,6 +95,8 @@ class Cell:
     batch_size: int | None = None
     tolerance: float | None = None  # rtol = atol of an adaptive solver
     guidance_type: str = "classifier-free"
+    precision: str = "fp32"
+    cuda_graph: bool = False
 
     @property
     def solver_options(self) -> dict[str, Any]:
@@ -106,7 +111,8 @@ class Cell:
             "nfe": self.nfe, "guidance": self.guidance, "seed": self.seed, "n": self.n, "dtype": self.dtype,
             "device": self.device, "labels": self.labels, "metrics": sorted(self.metrics),
             "batch_size": self.batch_size, "tolerance": self.tolerance,
-            "guidance_type": self.guidance_type if self.guidance else None,
+            "guidance_type": self.guidance_type if self.guidance else None, "precision": self.precision,
+            "cuda_graph": self.cuda_graph,
         }
 
     @property
@@ -171,6 +177,17 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
     guidance_type = _string(data.get("guidance_type", "classifier-free"), "guidance_type")
     if guidance_type not in GUIDANCE_KINDS:
         raise unknown_name("guidance type", guidance_type, GUIDANCE_KINDS)
+    precision_axis = data.get("precision", "fp32")
+    precisions = [_string(p, "precision") for p in (precision_axis if isinstance(precision_axis, list)
+                                                      else [precision_axis])]
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise unknown_name("precision", precision, PRECISIONS)
+    cuda_graph = data.get("cuda_graph", False)
+    if not isinstance(cuda_graph, bool):
+        raise BenchError(f"cuda_graph must be true or false; got {cuda_graph!r}")
+    if cuda_graph and not device.startswith("cuda"):
+        raise BenchError(f"cuda_graph = true needs device = \"cuda\"; got {device!r}")
     weights_path = data.get("feature_extractor_weights_path")
     if weights_path is not None:
         weights_path = _string(weights_path, "feature_extractor_weights_path")
@@ -230,11 +247,10 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         for model in models:
             for schedule in schedules:
                 for budget, tolerance in itertools.product(budgets, tolerances):
-                    for guidance in guidances:
-                        for seed in seeds:
-                            cells.append(Cell(name, model, component, schedule, budget, guidance, seed, n, dtype,
-                                              device, model_labels[model], metrics, batch_size, tolerance,
-                                              guidance_type))
+                    for guidance, precision, seed in itertools.product(guidances, precisions, seeds):
+                        cells.append(Cell(name, model, component, schedule, budget, guidance, seed, n, dtype,
+                                          device, model_labels[model], metrics, batch_size, tolerance,
+                                          guidance_type, precision, cuda_graph and not solver.adaptive))
     return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded,
                  feature_extractor_weights_path=weights_path)
 

@@ -111,3 +111,19 @@ def test_counting_denoiser_counts_calls_not_claims(gmm2d):
     denoise(x, torch.tensor(0.5))
     denoise(x, torch.full((5,), 0.1))
     assert denoise.nfe == 3 and denoise.model_evals == 3
+
+
+def test_precision_options(gmm_image):
+    fp32 = bench.sample(gmm_image, "euler", nfe=8, n=16)
+    bf16 = bench.sample(gmm_image, "euler", nfe=8, n=16, precision="bf16")
+    assert bf16.x.dtype == torch.float32  # the state keeps its dtype; only the network's products are bf16
+    difference = (bf16.x - fp32.x).abs().max().item()
+    assert 0 < difference < 0.2
+    assert torch.equal(bench.sample(gmm_image, "euler", nfe=8, n=16, precision="tf32").x, fp32.x)  # CPU: no TF32
+    with pytest.raises(BenchError, match=r"unknown precision 'fp8'"):
+        bench.sample(gmm_image, "euler", nfe=8, n=16, precision="fp8")
+
+
+def test_cuda_graph_needs_cuda(gmm2d):
+    with pytest.raises(BenchError, match="cuda_graph needs a CUDA device"):
+        bench.sample(gmm2d, "euler", nfe=4, n=4, cuda_graph=True)

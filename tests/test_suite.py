@@ -130,3 +130,20 @@ def test_guidance_axis_and_type(tmp_path):
     assert sorted({cell.guidance for cell in suite.cells}) == [0.0, 2.0]
     assert {cell.guidance_type for cell in suite.cells} == {"classifier"}
     assert len(suite.cells) == 16
+
+
+def test_precision_axis_and_cuda_graph_need_cuda(tmp_path):
+    suite = load_suite(write_suite(tmp_path, 'precision = ["fp32", "bf16"]\n' + TINY_SUITE))
+    assert sorted({cell.precision for cell in suite.cells}) == ["bf16", "fp32"] and len(suite.cells) == 16
+    with pytest.raises(BenchError, match=r"unknown precision 'fp64'"):
+        load_suite(write_suite(tmp_path, 'precision = "fp64"\n' + TINY_SUITE))
+    with pytest.raises(BenchError, match=r"cuda_graph = true needs device = \"cuda\""):
+        load_suite(write_suite(tmp_path, 'cuda_graph = true\n' + TINY_SUITE))
+
+
+def test_the_gpu_suite_is_valid_on_a_cuda_machine():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "suites" / "gpu.toml"
+    suite = load_suite(path)
+    assert {cell.device for cell in suite.cells} == {"cuda"} and {cell.n for cell in suite.cells} == {50000}
