@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
+# The micro-benchmarks (JSON in results/benchmarks.json), the overhead table, and the slow tests.
 bench: $(STAMP)
-	$(BIN)/pytest -q -m "slow or not slow" --benchmark-only --benchmark-json=results/benchmarks.json tests/benchmarks
+	mkdir -p results
+	$(BIN)/pytest -q --benchmark-only --benchmark-json=results/benchmarks.json tests/benchmarks
+	$(BIN)/python -m bench.overhead
 	$(BIN)/pytest -q -m slow
+
+# On a CUDA machine: the GPU tests, the overhead table with CUDA graphs, and the GPU suite.
+gpu: $(STAMP)
+	$(BIN)/pytest -q -m gpu tests/test_gpu.py
+	$(BIN)/python -m bench.overhead --device cuda --batch 64 1024
+	$(BIN)/samplerbench run bench/suites/gpu.toml --device cuda --report reports/gpu.html
 
 clean:
 	rm -rf $(VENV) build *.egg-info

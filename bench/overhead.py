@@ -1,0 +1,178 @@
+"""What a solver costs outside the model: its own work per model call, next to its diffusers twin's.
+
+With a trivial denoiser (x * 0.1, as ANCHORS.md measures diffusers), a loop's time minus NFE times the bare model
+call is the solver's own overhead; both solvers run in the same process on the same device, so their ratio is
+meaningful on a shared machine. On CUDA, ours can also replay its loop as a CUDA graph.
+
+    python -m bench.overhead --device cuda --batch 64 1024        # the table, one line per solver pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.denoiser import CountingDenoiser
+from bench.noise import NoiseStream
+from bench.sampling import get_solver
+
+SHAPE = (3, 32, 32)
+STEPS = 10
+
+
+@dataclass(frozen=True)
+class Twin:
+    """One of our solvers and the diffusers scheduler that runs the same algorithm."""
+
+    solver: str
+    options: dict[str, Any]
+    scheduler: str
+    scheduler_config: dict[str, Any]
+
+
+VP = {"num_train_timesteps": 1000, "beta_schedule": "linear"}  # DDPM's training grid
+TWINS = [
+    Twin("euler", {}, "EulerDiscreteScheduler", VP),
+    Twin("heun", {}, "HeunDiscreteScheduler", VP),
+    Twin("ddim", {}, "DDIMScheduler", {**VP, "clip_sample": False, "set_alpha_to_one": True}),
+    Twin("pndm", {"method": "plms"}, "PNDMScheduler", {**VP, "skip_prk_steps": True}),
+    Twin("ipndm", {"order": 4}, "IPNDMScheduler", {"num_train_timesteps": 1000}),
+    Twin("deis", {"order": 3, "method": "logrho"}, "DEISMultistepScheduler", {**VP, "solver_order": 3}),
+    Twin("dpm-solver++", {"order": 2, "method": "multistep"}, "DPMSolverMultistepScheduler",
+         {**VP, "solver_order": 2}),
+    Twin("dpm-solver++", {"order": 3, "method": "multistep"}, "DPMSolverMultistepScheduler",
+         {**VP, "solver_order": 3}),
+    Twin("dpm-solver++", {"order": 2, "method": "singlestep"}, "DPMSolverSinglestepScheduler",
+         {**VP, "solver_order": 2}),
+    Twin("unipc", {"order": 2, "variant": "bh2"}, "UniPCMultistepScheduler", {**VP, "solver_order": 2}),
+]
+
+
+class Trivial:
+    """A denoiser whose cost is one elementwise kernel: what is left of a loop's time is the solver's."""
+
+    shape = SHAPE
+    sigma_min, sigma_max, sigma_data, num_classes = 0.002, 80.0, 0.5, None
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        return x * 0.1
+
+
+def _median_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def model_seconds_per_call(batch: int, device: torch.device, repeats: int = 20) -> float:
+    x, model, calls = torch.randn(batch, *SHAPE, device=device), Trivial(), 100
+    sigma = torch.ones(batch, device=device)
+    return _median_seconds(lambda: [model(x, sigma) for _ in range(calls)], device, repeats) / calls
+
+
+def ours_loop(twin: Twin, batch: int, device: torch.device, cuda_graph: bool = False) -> tuple[Callable[[], Any], int]:
+    """Our solver's loop over STEPS steps from a fixed x (coefficients precomputed as it does for a run)."""
+    from bench.sampling import make_sigmas
+
+    solver = get_solver(twin.solver, **twin.options)
+    plan = solver.plan(solver.nfe_for_steps(STEPS))
+    sigmas = make_sigmas("karras", plan.steps, Trivial())
+    x = torch.randn(batch, *SHAPE, device=device) * 80.0
+    noise = NoiseStream(0, torch.arange(batch, device=device), SHAPE, x.dtype, device) if solver.stochastic else None
+    denoise = CountingDenoiser(Trivial())
+    run = lambda: solver.sample(denoise, x, sigmas, plan, noise)  # noqa: E731
+    run()
+    nfe = denoise.nfe
+    if not cuda_graph:
+        return run, nfe
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay, nfe
+
+
+def diffusers_loop(twin: Twin, batch: int, device: torch.device) -> tuple[Callable[[], Any], int]:
+    """The scheduler's standard loop over STEPS steps: scale_model_input, the model, step."""
+    import diffusers
+
+    scheduler = getattr(diffusers, twin.scheduler)(**twin.scheduler_config)
+    model = lambda x: x * 0.1  # noqa: E731
+    x_initial = torch.randn(batch, *SHAPE, device=device)
+    calls = []
+
+    def run() -> Tensor:
+        scheduler.set_timesteps(STEPS, device=device)
+        x = x_initial
+        calls.clear()
+        for t in scheduler.timesteps:
+            model_output = model(scheduler.scale_model_input(x, t))
+            calls.append(1)
+            x = scheduler.step(model_output, t, x).prev_sample
+        return x
+
+    run()
+    return run, len(calls)
+
+
+def overhead_per_call(loop: tuple[Callable[[], Any], int], model_seconds: float, device: torch.device,
+                      repeats: int = 20) -> float:
+    run, nfe = loop
+    return _median_seconds(run, device, repeats) / nfe - model_seconds
+
+
+def table(device: torch.device, batches: list[int], repeats: int = 20) -> list[dict[str, Any]]:
+    rows = []
+    for batch in batches:
+        model_seconds = model_seconds_per_call(batch, device)
+        for twin in TWINS:
+            row = {"solver": twin.solver, "options": twin.options, "twin": twin.scheduler, "batch": batch,
+                   "device": str(device), "model_us": model_seconds * 1e6}
+            row["ours_us"] = overhead_per_call(ours_loop(twin, batch, device), model_seconds, device, repeats) * 1e6
+            row["diffusers_us"] = overhead_per_call(diffusers_loop(twin, batch, device), model_seconds, device,
+                                                    repeats) * 1e6
+            if device.type == "cuda":
+                row["ours_graph_us"] = overhead_per_call(ours_loop(twin, batch, device, cuda_graph=True),
+                                                         model_seconds, device, repeats) * 1e6
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    rows = table(torch.device(args.device), args.batch, args.repeats)
+    print(f"{'solver':<34}{'twin':<30}{'batch':>6}{'ours us':>10}{'diffusers us':>14}{'ratio':>8}"
+          + (f"{'graph us':>10}" if args.device.startswith("cuda") else ""))
+    for row in rows:
+        name = row["solver"] + (" " + ",".join(f"{k}={v}" for k, v in row["options"].items()) if row["options"] else "")
+        line = (f"{name:<34}{row['twin']:<30}{row['batch']:>6}{row['ours_us']:>10.1f}{row['diffusers_us']:>14.1f}"
+                f"{row['ours_us'] / row['diffusers_us']:>8.2f}")
+        if "ours_graph_us" in row:
+            line += f"{row['ours_graph_us']:>10.1f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
