@@ -18,7 +18,9 @@ from torch import Tensor
 NO_LABEL = -1
 
 
-class ClassifierFreeGuidance:
+class _Guided:
+    """A denoiser wrapping a conditional one: the same contract, guided by ``scale``."""
+
     evals_per_call = 2
 
     def __init__(self, model, scale: float) -> None:
@@ -26,6 +28,9 @@ class ClassifierFreeGuidance:
         self.scale = float(scale)
         for attribute in ("shape", "sigma_min", "sigma_max", "sigma_data", "num_classes"):
             setattr(self, attribute, getattr(model, attribute))
+
+
+class ClassifierFreeGuidance(_Guided):
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         if cond is None:
@@ -35,22 +40,17 @@ class ClassifierFreeGuidance:
         return denoised_cond + self.scale * (denoised_cond - denoised_uncond)
 
 
-class ClassifierGuidance:
+class ClassifierGuidance(_Guided):
     """Guidance by the gradient of the model's own noisy-class posterior, ``model.class_log_posterior``.
 
     One NFE costs one denoiser evaluation and one classifier forward and backward pass: two model evaluations.
     """
 
-    evals_per_call = 2
-
     def __init__(self, model, scale: float) -> None:
         if not hasattr(model, "class_log_posterior"):
             raise ValueError(f"classifier guidance needs a model with class_log_posterior(x, sigma, labels); "
                              f"{getattr(model, 'name', model)!r} has none (use classifier-free guidance)")
-        self.model = model
-        self.scale = float(scale)
-        for attribute in ("shape", "sigma_min", "sigma_max", "sigma_data", "num_classes"):
-            setattr(self, attribute, getattr(model, attribute))
+        super().__init__(model, scale)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         if cond is None:

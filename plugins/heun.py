@@ -25,11 +25,16 @@ class Heun(Solver):
             denoised = denoise(x, sigma)
             if sigma_next == 0:
                 return denoised
-            derivative = (x - denoised) / sigma
-            x_euler = x + (sigma_next - sigma) * derivative
-            derivative_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
-            x = x + (sigma_next - sigma) * 0.5 * (derivative + derivative_next)
+            x = heun_step(denoise, x, denoised, sigma, sigma_next)
         return x
+
+
+def heun_step(denoise: Denoise, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """From x at sigma (where D(x; sigma) = ``denoised``) to sigma_next > 0: Euler, then the trapezoidal rule."""
+    derivative = (x - denoised) / sigma
+    x_euler = x + (sigma_next - sigma) * derivative
+    derivative_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
+    return x + (sigma_next - sigma) * 0.5 * (derivative + derivative_next)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from bench.hookspecs import hookimpl
 from bench.solver import Denoise, Noise, Plan, Solver
+from plugins.heun import heun_step
 
 
 class EulerMaruyama(Solver):
@@ -73,10 +74,7 @@ class EDMStochastic(Solver):
             denoised = denoise(x, sigma_hat)
             if sigma_next == 0:
                 return denoised
-            derivative = (x - denoised) / sigma_hat
-            x_euler = x + (sigma_next - sigma_hat) * derivative
-            derivative_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
-            x = x + (sigma_next - sigma_hat) * 0.5 * (derivative + derivative_next)
+            x = heun_step(denoise, x, denoised, sigma_hat, sigma_next)
         return x
 
 
