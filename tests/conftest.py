@@ -18,3 +18,33 @@ def gmm2d():
 @pytest.fixture(scope="session")
 def gmm_image():
     return bench.load_model("gmm-image")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_parity(request):
+    """The diffusers parity modules run a tiny UNet whose convolutions get 15x slower with two threads on a
+    shared machine (tests/peers.py, one_thread)."""
+    if not request.module.__name__.endswith("_parity"):
+        yield
+        return
+    from peers import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """The parity tests' tiny randomly initialised diffusers UNet2DModel (tests/peers.py)."""
+    from peers import tiny_unet
+
+    return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def model(unet):
+    """The tiny UNet as a samplerbench Denoiser, on DDPM's training grid; modules with another `model` override it."""
+    from diffusers import DDPMScheduler
+    from peers import tiny_scheduler_config
+
+    return bench.from_diffusers(unet, DDPMScheduler(**tiny_scheduler_config()))

@@ -40,8 +40,7 @@ from bench.multistep import singlestep_intervals, warmup_orders  # noqa: E402
 from bench.noise import NoiseStream, gaussian  # noqa: E402
 from bench.sampling import get_solver, make_sigmas  # noqa: E402
 from bench.solver import Plan  # noqa: E402
-from peers import (CountingUNet, one_thread, relative_deviation, run_diffusers,  # noqa: E402
-                   tiny_scheduler_config, tiny_unet)
+from peers import CountingUNet, relative_deviation, run_diffusers, tiny_scheduler_config  # noqa: E402
 from plugins.dpm_solver import dpm_solver_1, dpm_solver_2, noise_prediction  # noqa: E402
 from plugins.dpm_solver_pp import dpm_solver_pp_1, dpm_solver_pp_2s  # noqa: E402
 
@@ -53,22 +52,6 @@ MULTISTEP = {"convention": "multistep"}  # the discrete schedule's timesteps as 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
               # diffusers deprecates its singlestep algorithm_type="dpmsolver" (noise prediction), which we compare
               pytest.mark.filterwarnings("ignore:`algorithm_types=dpmsolver` is deprecated:FutureWarning")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():  # see peers.one_thread
-        yield
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
-
-
-@pytest.fixture(scope="module")
-def model(unet):
-    return bench.from_diffusers(unet, DDPMScheduler(**tiny_scheduler_config()))
 
 
 def ours(model, solver: str, nfe: int, **options):

@@ -39,8 +39,7 @@ from diffusers import (DDPMScheduler, DEISMultistepScheduler, IPNDMScheduler, PN
 
 import bench  # noqa: E402
 from bench.sampling import get_solver, make_sigmas  # noqa: E402
-from peers import (CountingUNet, one_thread, relative_deviation, run_diffusers, tiny_scheduler_config,  # noqa: E402
-                   tiny_unet)
+from peers import CountingUNet, relative_deviation, run_diffusers, tiny_scheduler_config  # noqa: E402
 from plugins.discrete import discrete_timesteps  # noqa: E402
 
 PARITY = 1e-4  # float32, same noise, same timesteps
@@ -48,22 +47,6 @@ N = 4  # samples per parity run
 
 # diffusers 0.42 with numpy 2 warns on every set_timesteps (np.array of a torch tensor with copy=False): not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():  # see peers.one_thread
-        yield
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
-
-
-@pytest.fixture(scope="module")
-def model(unet):
-    return bench.from_diffusers(unet, DDPMScheduler(**tiny_scheduler_config()))
 
 
 class LastCall(CountingUNet):
