@@ -10,7 +10,6 @@ meaningful on a shared machine. On CUDA, ours can also replay its loop as a CUDA
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +64,9 @@ class Trivial:
         return x * 0.1
 
 
-def _median_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def _best_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` runs: on a shared machine, other work only ever adds time, so the minimum is the
+    estimate least polluted by it."""
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         if device.type == "cuda":
@@ -75,13 +76,13 @@ def _median_seconds(run: Callable[[], Any], device: torch.device, repeats: int) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return min(times[1:])
 
 
 def model_seconds_per_call(batch: int, device: torch.device, repeats: int = 20) -> float:
     x, model, calls = torch.randn(batch, *SHAPE, device=device), Trivial(), 100
     sigma = torch.ones(batch, device=device)
-    return _median_seconds(lambda: [model(x, sigma) for _ in range(calls)], device, repeats) / calls
+    return _best_seconds(lambda: [model(x, sigma) for _ in range(calls)], device, repeats) / calls
 
 
 def ours_loop(twin: Twin, batch: int, device: torch.device, cuda_graph: bool = False) -> tuple[Callable[[], Any], int]:
@@ -136,7 +137,7 @@ def diffusers_loop(twin: Twin, batch: int, device: torch.device) -> tuple[Callab
 def overhead_per_call(loop: tuple[Callable[[], Any], int], model_seconds: float, device: torch.device,
                       repeats: int = 20) -> float:
     run, nfe = loop
-    return _median_seconds(run, device, repeats) / nfe - model_seconds
+    return _best_seconds(run, device, repeats) / nfe - model_seconds
 
 
 def table(device: torch.device, batches: list[int], repeats: int = 20) -> list[dict[str, Any]]:
