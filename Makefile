@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(BIN)/.installed  # inside bin/: a venv whose programs are gone is reinstalled
 
 .PHONY: run test bench gpu clean
 
