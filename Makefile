@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(BIN)/.installed  # inside bin/: a venv whose programs are gone is reinstalled
+# the stamp lives inside bin/: a venv whose programs are gone is reinstalled
+STAMP := $(BIN)/.installed
 
 .PHONY: run test bench gpu clean
 
