@@ -24,6 +24,17 @@ def test_frechet_distance_is_torch_fidelitys(d):
     assert ours == pytest.approx(theirs, rel=1e-8, abs=1e-10)
 
 
+@pytest.mark.parametrize("first_rank_deficient", [True, False])
+def test_frechet_distance_of_a_rank_deficient_covariance_is_torch_fidelitys(first_rank_deficient):
+    """Fewer samples than dimensions: the covariance has no Cholesky factor, so the eigendecomposition path runs."""
+    few, many = correlated_features(40, 64, 5), correlated_features(500, 64, 6, shift=0.2)
+    first, second = (few, many) if first_rank_deficient else (many, few)
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(first), fid_features_to_statistics(second),
+                                      False)["frechet_inception_distance"]
+    ours = frechet_distance(feature_statistics(first), feature_statistics(second))
+    assert ours == pytest.approx(theirs, rel=1e-7)
+
+
 def test_statistics_are_numpys():
     features = correlated_features(500, 16, 3)
     statistics = feature_statistics(features)
