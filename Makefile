@@ -1,5 +1,8 @@
 # Each target is self-sufficient on a fresh machine: it creates .venv and installs from pyproject.toml.
 PYTHON ?= python3
+# pipefail: a figure script that fails fails its target, even when its output goes through tee
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV := .venv
 BIN := $(VENV)/bin
 # the stamp lives inside bin/: a venv whose programs are gone is reinstalled
@@ -19,17 +22,28 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
-# The micro-benchmarks (JSON in results/benchmarks.json), the overhead table, and the slow tests.
+# On any machine: the micro-benchmarks (results/benchmarks.json), the figures of bench/overhead.py,
+# bench/efficiency.py, bench/metrics_at_scale.py and bench/ray_scaling.py (results/bench-figures.txt), the slow tests.
 bench: $(STAMP)
 	mkdir -p results
 	$(BIN)/pytest -q --benchmark-only --benchmark-json=results/benchmarks.json tests/benchmarks
-	$(BIN)/python -m bench.overhead
+	( $(BIN)/python -m bench.overhead --device cpu && \
+	  $(BIN)/python -m bench.efficiency --device cpu && \
+	  $(BIN)/python -m bench.metrics_at_scale --device cpu --n 10000 && \
+	  $(BIN)/python -m bench.ray_scaling ) 2>&1 | tee results/bench-figures.txt
 	$(BIN)/pytest -q -m slow
 
-# On a CUDA machine: the GPU tests, the overhead table with CUDA graphs, and the GPU suite.
+# On a CUDA machine, one command for every GPU figure (results/gpu-figures.txt): the GPU tests, overhead with and
+# without CUDA graphs, whole-cell efficiency in fp32 / tf32 / bf16 with a 50,000-sample cell each, precision/recall
+# and FID at 50,000 next to torch-fidelity, the CUDA micro-benchmarks, then the GPU suite and its report.
 gpu: $(STAMP)
+	mkdir -p results
 	$(BIN)/pytest -q -m gpu tests/test_gpu.py
-	$(BIN)/python -m bench.overhead --device cuda --batch 64 1024
+	( nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && \
+	  $(BIN)/python -m bench.overhead --device cuda --batch 64 1024 && \
+	  $(BIN)/python -m bench.efficiency --device cuda --full-n 50000 && \
+	  $(BIN)/python -m bench.metrics_at_scale --device cuda --n 50000 ) 2>&1 | tee results/gpu-figures.txt
+	$(BIN)/pytest -q --benchmark-only --benchmark-json=results/benchmarks-cuda.json tests/benchmarks
 	$(BIN)/samplerbench run bench/suites/gpu.toml --device cuda --report reports/gpu.html
 
 clean:

@@ -26,7 +26,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite or default_suite(), device=args.device)
     summary = run_suite(suite, args.out, progress=not args.quiet, executor=args.executor, shards=args.shards,
-                        ray_address=args.ray_address)
+                        ray_address=args.ray_address, ray_workers=args.ray_workers)
     report_path = Path(args.report) if args.report else Path("reports") / f"{suite.name}.html"
     write_report(read_results(summary.store), report_path, title=f"samplerbench: {suite.name}",
                  provenance=_provenance(summary.store, suite_path=str(suite.path)),
@@ -94,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
                      help="where cells run: this process, or Ray tasks (a local instance, or RAY_ADDRESS's cluster)")
     run.add_argument("--shards", type=int, default=1, help="Ray tasks per cell, over disjoint sample ranges")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    run.add_argument("--ray-workers", type=int, help="tasks at once on a local Ray instance (default: one per core)")
     run.add_argument("--out", default="results", help="directory of the results store (default: results/)")
     run.add_argument("--report", help="HTML report path (default: reports/<suite>.html)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -38,14 +38,20 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def ray_shards(cells: list[Cell], shards: int, address: str | None = None,
+def ray_shards(cells: list[Cell], shards: int, address: str | None = None, workers: int | None = None,
                max_in_flight: int = 64) -> Iterator[tuple[Cell, list[SampleOutput] | BaseException]]:
-    """Yields each cell with its shards' outputs in sample order (or the error a shard raised), as cells finish."""
+    """Yields each cell with its shards' outputs in sample order (or the error a shard raised), as cells finish.
+
+    ``workers``: the CPUs of a local Ray instance started here, and so how many tasks run at once (each task asks
+    for one CPU, and Ray gives its workers one thread each); default: every core. Not for an existing cluster,
+    whose size is its own (bench.runner.run_suite checks that before anything runs).
+    """
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     remote = ray.remote(_sample_shard_task)
     try:
         queue = list(cells)

@@ -5,6 +5,11 @@ call is the solver's own overhead; both solvers run in the same process on the s
 meaningful on a shared machine. On CUDA, ours can also replay its loop as a CUDA graph.
 
     python -m bench.overhead --device cuda --batch 64 1024        # the table, one line per solver pair
+
+On CUDA the table also gives the memory floor of a step: a solver's update must at least read the state and the
+denoiser's output and write the new state, three tensors of the batch, and no kernel moves bytes faster than the
+device's copy bandwidth (measured here, as read + write bytes of a large device-to-device copy). Multistep solvers
+also read their history, so their floor is higher than this one; the ratio to it is an upper bound on waste.
 """
 
 from __future__ import annotations
@@ -79,6 +84,20 @@ def _best_seconds(run: Callable[[], Any], device: torch.device, repeats: int) ->
     return min(times[1:])
 
 
+def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 20) -> float:
+    """Bytes per second a device-to-device copy moves, counting what it reads and what it writes."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    seconds = _best_seconds(lambda: target.copy_(source), device, repeats)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def step_floor_seconds(batch: int, bandwidth: float, dtype: torch.dtype = torch.float32) -> float:
+    """The least time a step's update can take: reading x and denoised, writing x, at ``bandwidth``."""
+    state_bytes = batch * torch.Size(SHAPE).numel() * torch.empty((), dtype=dtype).element_size()
+    return 3 * state_bytes / bandwidth
+
+
 def model_seconds_per_call(batch: int, device: torch.device, repeats: int = 20) -> float:
     x, model, calls = torch.randn(batch, *SHAPE, device=device), Trivial(), 100
     sigma = torch.ones(batch, device=device)
@@ -142,6 +161,7 @@ def overhead_per_call(loop: tuple[Callable[[], Any], int], model_seconds: float,
 
 def table(device: torch.device, batches: list[int], repeats: int = 20) -> list[dict[str, Any]]:
     rows = []
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for batch in batches:
         model_seconds = model_seconds_per_call(batch, device)
         for twin in TWINS:
@@ -150,9 +170,11 @@ def table(device: torch.device, batches: list[int], repeats: int = 20) -> list[d
             row["ours_us"] = overhead_per_call(ours_loop(twin, batch, device), model_seconds, device, repeats) * 1e6
             row["diffusers_us"] = overhead_per_call(diffusers_loop(twin, batch, device), model_seconds, device,
                                                     repeats) * 1e6
-            if device.type == "cuda":
+            if bandwidth is not None:
                 row["ours_graph_us"] = overhead_per_call(ours_loop(twin, batch, device, cuda_graph=True),
                                                          model_seconds, device, repeats) * 1e6
+                row["floor_us"] = step_floor_seconds(batch, bandwidth) * 1e6
+                row["copy_bandwidth_gb_per_s"] = bandwidth / 1e9
             rows.append(row)
     return rows
 
@@ -164,14 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     rows = table(torch.device(args.device), args.batch, args.repeats)
-    print(f"{'solver':<34}{'twin':<30}{'batch':>6}{'ours us':>10}{'diffusers us':>14}{'ratio':>8}"
-          + (f"{'graph us':>10}" if args.device.startswith("cuda") else ""))
+    cuda = "floor_us" in rows[0]
+    if cuda:
+        print(f"copy bandwidth {rows[0]['copy_bandwidth_gb_per_s']:.0f} GB/s (read + write)")
+    print(f"{'solver':<42}{'twin':<30}{'batch':>6}{'ours us':>10}{'diffusers us':>14}{'ratio':>8}"
+          + (f"{'graph us':>10}{'floor us':>10}{'graph/floor':>13}" if cuda else ""))
     for row in rows:
         name = row["solver"] + (" " + ",".join(f"{k}={v}" for k, v in row["options"].items()) if row["options"] else "")
-        line = (f"{name:<34}{row['twin']:<30}{row['batch']:>6}{row['ours_us']:>10.1f}{row['diffusers_us']:>14.1f}"
+        line = (f"{name:<42}{row['twin']:<30}{row['batch']:>6}{row['ours_us']:>10.1f}{row['diffusers_us']:>14.1f}"
                 f"{row['ours_us'] / row['diffusers_us']:>8.2f}")
-        if "ours_graph_us" in row:
-            line += f"{row['ours_graph_us']:>10.1f}"
+        if cuda:
+            line += f"{row['ours_graph_us']:>10.1f}{row['floor_us']:>10.1f}{row['ours_graph_us'] / row['floor_us']:>13.2f}"
         print(line)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -136,17 +137,29 @@ def _feature_space_or_none(model, weights_path: str | None) -> FeatureSpace | No
 
 def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
               progress: bool = True, executor: str = "local", shards: int = 1,
-              ray_address: str | None = None) -> RunSummary:
+              ray_address: str | None = None, ray_workers: int | None = None) -> RunSummary:
     """Run every cell not yet done; the driver writes each row, in one transaction, as its cell finishes.
 
     ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.executors); the
     samples, and so the rows, are the local executor's, since every sample's noise depends on its index alone.
+    ``ray_workers`` sizes a local Ray instance (tasks at once); ``ray_address`` names an existing cluster instead.
     """
     plugins = plugins or manager()
     if executor not in EXECUTORS:
         raise unknown_name("executor", executor, EXECUTORS)
     if shards < 1:
         raise BenchError(f"shards must be >= 1; got {shards}")
+    if ray_workers is not None:
+        if executor != "ray" or ray_workers < 1:
+            raise BenchError(f"ray_workers (got {ray_workers}) must be >= 1 and needs executor 'ray' "
+                             f"(got {executor!r})")
+        import ray
+
+        cluster = ray_address or os.environ.get("RAY_ADDRESS") or ("already initialised" if ray.is_initialized()
+                                                                   else None)
+        if cluster:
+            raise BenchError(f"ray_workers ({ray_workers}) sets the size of a local Ray instance; the existing "
+                             f"cluster ({cluster}) has its own size")
     out_dir = Path(out_dir)
     store_path = out_dir / f"{suite.name}.sqlite"
     references = ReferenceCache(out_dir / "cache")
@@ -172,7 +185,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
     def ray_outcomes(cells: list[Cell]):
         from bench.executors import ray_shards
 
-        for cell, shard_outputs in ray_shards(cells, shards, address=ray_address):
+        for cell, shard_outputs in ray_shards(cells, shards, address=ray_address, workers=ray_workers):
             def produce(cell=cell, shard_outputs=shard_outputs):
                 if isinstance(shard_outputs, BaseException):
                     raise shard_outputs

@@ -5,6 +5,7 @@ import torch
 
 pytest.importorskip("ray")
 
+from bench.errors import BenchError
 from bench.executors import shard_bounds
 from bench.runner import run_suite
 from bench.store import read_results
@@ -55,3 +56,14 @@ def test_ray_rows_equal_local_rows(tmp_path):
         # the same samples, up to the last bit of batch-size-dependent rounding in the denoiser's matrix products
         torch.testing.assert_close(torch.tensor(remote[metric].values), torch.tensor(local[metric].values),
                                    rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_ray_workers_size_only_a_local_ray_instance(tmp_path, monkeypatch):
+    suite = load_suite(write_suite(tmp_path, SUITE))
+    with pytest.raises(BenchError, match="needs executor 'ray'"):
+        run_suite(suite, tmp_path, progress=False, ray_workers=2)
+    with pytest.raises(BenchError, match=">= 1"):
+        run_suite(suite, tmp_path, progress=False, executor="ray", ray_workers=0)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(BenchError, match="existing cluster .*ray://head:10001"):
+        run_suite(suite, tmp_path, progress=False, executor="ray", ray_workers=2)
