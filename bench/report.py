@@ -25,8 +25,8 @@ import plotly.io as pio
 import plotly.offline
 from plotly.colors import qualitative
 
-# Columns every results frame has; any other float column is an extra metric (shown in the cells table only,
-# since we do not know which direction is better).
+# Columns every results frame has; any other float column is a plugin's own metric (plotted against NFE on a
+# linear axis, and listed in the cells table).
 FIXED_COLUMNS = (
     "key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n",
     "status", "error", "nfe", "model_evals", "seconds", "device", "steps", "batch_size", "peak_memory_bytes",
@@ -295,12 +295,13 @@ def _precision_recall_by_guidance(agg: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def _figures(agg: pd.DataFrame, styles: dict[str, Style]) -> list[tuple[str, go.Figure]]:
+def _figures(agg: pd.DataFrame, styles: dict[str, Style],
+             extra_metrics: Sequence[str] = ()) -> list[tuple[str, go.Figure]]:
     """The model's figures as (id suffix, figure); a figure whose metric was never computed is left out."""
     figures = [(f"{metric}-vs-nfe", _vs_nfe(agg, styles, metric, title, log_y=log_y))
                for metric, title, log_y in QUALITY_PLOTS if _has(agg, metric)]
-    figures += [(f"{metric}-vs-nfe", _vs_nfe(agg, styles, metric, metric, log_y=False))
-                for metric in ("recall", "precision") if _has(agg, metric)]
+    figures += [(f"{metric}-vs-nfe", _vs_nfe(agg, styles, metric, metric.replace("_", " "), log_y=False))
+                for metric in ("recall", "precision", *extra_metrics) if _has(agg, metric)]
     if _has(agg, "seconds"):
         figures.append(("seconds-vs-nfe", _vs_nfe(agg, styles, "seconds", "wall-clock per cell [s]", log_y=False)))
     pareto_metric = next((m for m in ("fid", "trajectory_error") if _has(agg, m)), None)
@@ -442,9 +443,10 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, sample_grids: Ma
     if done.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
-        agg = _aggregate(done, ["seconds", *KNOWN_METRICS])
+        extra_metrics = _extra_metrics(_done(cells))  # before _with_series adds its own float column
+        agg = _aggregate(done, ["seconds", *KNOWN_METRICS, *extra_metrics])
         styles = _styles(agg)
-        figures = _figures(agg, styles)
+        figures = _figures(agg, styles, extra_metrics)
         if _guidance_varies(done) and _has(agg, "precision") and _has(agg, "recall"):
             figures.append(("precision-recall-guidance", _precision_recall_by_guidance(agg)))
         if _guidance_varies(done) and _has(agg, "fid"):
