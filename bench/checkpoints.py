@@ -118,9 +118,26 @@ def save_checkpoint(name: str, tensors: Mapping[str, Tensor], recipe: str, argum
              "data_sha256": data_sha256, "training": training, "evaluation": evaluation}
     manifest = read_manifest(directory)
     manifest[name] = entry
+    _write_manifest(directory, manifest)
+    return entry
+
+
+def record_evaluation(name: str, evaluation: dict[str, Any], evaluated_by: str,
+                      directory: str | Path | None = None) -> dict[str, Any]:
+    """Replace the evaluation of checkpoint ``name`` in the manifest (the weights, their sha256 and their training
+    record stay as they are) and say which command measured it; returns the entry."""
+    directory = Path(directory or pretrained_dir())
+    manifest = read_manifest(directory)
+    if name not in manifest:
+        raise BenchError(f"checkpoint {name!r} is not in {directory / MANIFEST_NAME}; nothing to evaluate")
+    manifest[name] = {**manifest[name], "evaluation": evaluation, "evaluated_by": evaluated_by}
+    _write_manifest(directory, manifest)
+    return manifest[name]
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
     _write_atomically(directory / MANIFEST_NAME, text.encode())
-    return entry
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -1,8 +1,12 @@
 """What a solver costs outside the model: its own work per model call, next to its diffusers twin's.
 
-With a trivial denoiser (x * 0.1, as ANCHORS.md measures diffusers), a loop's time minus NFE times the bare model
-call is the solver's own overhead; both solvers run in the same process on the same device, so their ratio is
-meaningful on a shared machine. On CUDA, ours can also replay its loop as a CUDA graph.
+With a trivial denoiser (x * 0.1, as ANCHORS.md measures diffusers), a loop's time minus the time spent in the
+model is the solver's own overhead; both solvers run in the same process on the same device, so their ratio is
+meaningful on a shared machine. On the CPU, where every call is synchronous, the model's share is clocked inside
+the very run it belongs to (a separately timed model call is as large as the overhead itself and as noisy, and
+subtracting it gave negative figures); on CUDA, where clocking a call would need a sync, it is NFE times the
+bare call, timed alone. On CUDA, ours can also replay its loop as a CUDA graph. Both loops include their per-run
+set-up (diffusers' set_timesteps, our solvers' coefficients); the sigma grid itself is made before ours.
 
     python -m bench.overhead --device cuda --batch 64 1024        # the table, one line per solver pair
 
@@ -60,13 +64,33 @@ TWINS = [
 
 
 class Trivial:
-    """A denoiser whose cost is one elementwise kernel: what is left of a loop's time is the solver's."""
+    """A denoiser whose cost is one elementwise kernel: what is left of a loop's time is the solver's.
+
+    ``clocked``: add each call's wall-clock to ``seconds`` (only meaningful where calls are synchronous: the CPU).
+    """
 
     shape = SHAPE
     sigma_min, sigma_max, sigma_data, num_classes = 0.002, 80.0, 0.5, None
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        return x * 0.1
+    def __init__(self, clocked: bool = False) -> None:
+        self.clocked, self.seconds = clocked, 0.0
+
+    def __call__(self, x: Tensor, sigma: Tensor | None, cond: Tensor | None = None) -> Tensor:
+        if not self.clocked:
+            return x * 0.1
+        start = time.perf_counter()
+        denoised = x * 0.1
+        self.seconds += time.perf_counter() - start
+        return denoised
+
+
+@dataclass
+class Loop:
+    """A sampling loop ready to run: ``run()`` makes ``nfe`` calls of ``model``."""
+
+    run: Callable[[], Any]
+    nfe: int
+    model: Trivial
 
 
 def _best_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -104,21 +128,22 @@ def model_seconds_per_call(batch: int, device: torch.device, repeats: int = 20) 
     return _best_seconds(lambda: [model(x, sigma) for _ in range(calls)], device, repeats) / calls
 
 
-def ours_loop(twin: Twin, batch: int, device: torch.device, cuda_graph: bool = False) -> tuple[Callable[[], Any], int]:
-    """Our solver's loop over STEPS steps from a fixed x (coefficients precomputed as it does for a run)."""
+def ours_loop(twin: Twin, batch: int, device: torch.device, cuda_graph: bool = False) -> Loop:
+    """Our solver's loop over STEPS steps from a fixed x (coefficients computed inside, as for a run)."""
     from bench.sampling import make_sigmas
 
     solver = get_solver(twin.solver, **twin.options)
     plan = solver.plan(solver.nfe_for_steps(STEPS))
-    sigmas = make_sigmas("karras", plan.steps, Trivial())
+    model = Trivial(clocked=device.type == "cpu")
+    sigmas = make_sigmas("karras", plan.steps, model)
     x = torch.randn(batch, *SHAPE, device=device) * 80.0
     noise = NoiseStream(0, torch.arange(batch, device=device), SHAPE, x.dtype, device) if solver.stochastic else None
-    denoise = CountingDenoiser(Trivial())
+    denoise = CountingDenoiser(model)
     run = lambda: solver.sample(denoise, x, sigmas, plan, noise)  # noqa: E731
     run()
     nfe = denoise.nfe
     if not cuda_graph:
-        return run, nfe
+        return Loop(run, nfe, model)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -127,15 +152,15 @@ def ours_loop(twin: Twin, batch: int, device: torch.device, cuda_graph: bool = F
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    return graph.replay, nfe
+    return Loop(graph.replay, nfe, model)
 
 
-def diffusers_loop(twin: Twin, batch: int, device: torch.device) -> tuple[Callable[[], Any], int]:
-    """The scheduler's standard loop over STEPS steps: scale_model_input, the model, step."""
+def diffusers_loop(twin: Twin, batch: int, device: torch.device) -> Loop:
+    """The scheduler's standard loop over STEPS steps: set_timesteps, then scale_model_input, the model, step."""
     import diffusers
 
     scheduler = getattr(diffusers, twin.scheduler)(**twin.scheduler_config)
-    model = lambda x: x * 0.1  # noqa: E731
+    model = Trivial(clocked=device.type == "cpu")
     x_initial = torch.randn(batch, *SHAPE, device=device)
     calls = []
 
@@ -144,26 +169,37 @@ def diffusers_loop(twin: Twin, batch: int, device: torch.device) -> tuple[Callab
         x = x_initial
         calls.clear()
         for t in scheduler.timesteps:
-            model_output = model(scheduler.scale_model_input(x, t))
+            model_output = model(scheduler.scale_model_input(x, t), None)
             calls.append(1)
             x = scheduler.step(model_output, t, x).prev_sample
         return x
 
     run()
-    return run, len(calls)
+    return Loop(run, len(calls), model)
 
 
-def overhead_per_call(loop: tuple[Callable[[], Any], int], model_seconds: float, device: torch.device,
-                      repeats: int = 20) -> float:
-    run, nfe = loop
-    return _best_seconds(run, device, repeats) / nfe - model_seconds
+def overhead_per_call(loop: Loop, model_seconds: float, device: torch.device, repeats: int = 20) -> float:
+    """Seconds of the loop's own work per model call: the least over ``repeats`` runs (after a warm-up).
+
+    CPU: each run's time minus the model time clocked within that run. CUDA: the fastest run's time per call minus
+    ``model_seconds``, the bare call timed alone (model_seconds_per_call).
+    """
+    if not loop.model.clocked:
+        return _best_seconds(loop.run, device, repeats) / loop.nfe - model_seconds
+    overheads = []
+    for _ in range(repeats + 1):
+        loop.model.seconds = 0.0
+        start = time.perf_counter()
+        loop.run()
+        overheads.append((time.perf_counter() - start - loop.model.seconds) / loop.nfe)
+    return min(overheads[1:])
 
 
 def table(device: torch.device, batches: list[int], repeats: int = 20) -> list[dict[str, Any]]:
     rows = []
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for batch in batches:
-        model_seconds = model_seconds_per_call(batch, device)
+        model_seconds = model_seconds_per_call(batch, device)  # subtracted on CUDA; on the CPU, for the table
         for twin in TWINS:
             row = {"solver": twin.solver, "options": twin.options, "twin": twin.scheduler, "batch": batch,
                    "device": str(device), "model_us": model_seconds * 1e6}
@@ -189,11 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     cuda = "floor_us" in rows[0]
     if cuda:
         print(f"copy bandwidth {rows[0]['copy_bandwidth_gb_per_s']:.0f} GB/s (read + write)")
-    print(f"{'solver':<42}{'twin':<30}{'batch':>6}{'ours us':>10}{'diffusers us':>14}{'ratio':>8}"
+    print(f"{'solver':<42}{'twin':<30}{'batch':>6}{'model us':>10}{'ours us':>10}{'diffusers us':>14}{'ratio':>8}"
           + (f"{'graph us':>10}{'floor us':>10}{'graph/floor':>13}" if cuda else ""))
     for row in rows:
         name = row["solver"] + (" " + ",".join(f"{k}={v}" for k, v in row["options"].items()) if row["options"] else "")
-        line = (f"{name:<42}{row['twin']:<30}{row['batch']:>6}{row['ours_us']:>10.1f}{row['diffusers_us']:>14.1f}"
+        line = (f"{name:<42}{row['twin']:<30}{row['batch']:>6}{row['model_us']:>10.1f}{row['ours_us']:>10.1f}"
+                f"{row['diffusers_us']:>14.1f}"
                 f"{row['ours_us'] / row['diffusers_us']:>8.2f}")
         if cuda:
             line += f"{row['ours_graph_us']:>10.1f}{row['floor_us']:>10.1f}{row['ours_graph_us'] / row['floor_us']:>13.2f}"

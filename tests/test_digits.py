@@ -10,7 +10,7 @@ import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import bench
-from bench.checkpoints import load_verified, read_manifest, save_checkpoint, sha256_hex
+from bench.checkpoints import load_verified, read_manifest, record_evaluation, save_checkpoint, sha256_hex
 from bench.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
 from bench.reference import ReferenceCache
 from bench.registry import manager
@@ -95,6 +95,20 @@ def test_save_checkpoint_round_trips_and_keeps_other_entries(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
 
+def test_record_evaluation_replaces_only_the_evaluation(tmp_path):
+    save_checkpoint("first", {"w": torch.ones(2)}, "make first", ["--x", "1"], "data", {"loss": 0.5}, {"old": 1.0},
+                    tmp_path)
+    before = read_manifest(tmp_path)["first"]
+    record_evaluation("first", {"new": 2.0}, "make first --evaluate", tmp_path)
+    after = read_manifest(tmp_path)["first"]
+    assert after["evaluation"] == {"new": 2.0} and after["evaluated_by"] == "make first --evaluate"
+    assert {k: v for k, v in after.items() if k not in ("evaluation", "evaluated_by")} == \
+        {k: v for k, v in before.items() if k != "evaluation"}
+    assert load_verified("first", tmp_path)["w"].tolist() == [1.0, 1.0]  # the weights still verify
+    with pytest.raises(bench.BenchError, match="not in"):
+        record_evaluation("second", {}, "x", tmp_path)
+
+
 def test_a_manifest_cannot_point_outside_its_directory(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"evil": {"file": "../elsewhere.safetensors", "sha256": ""}}))
     with pytest.raises(bench.BenchError, match="plain file name"):
@@ -112,8 +126,10 @@ def test_the_manifest_records_how_each_checkpoint_was_made():
         assert size < 5_000_000
     assert manifest[CLASSIFIER_NAME]["evaluation"]["held_out_accuracy"] >= 0.97
     evaluation = manifest[MODEL_NAME]["evaluation"]
-    assert {"fid_samples_vs_train_n297", "fid_held_out_vs_train_n297",
-            "class_accuracy_conditional_samples"} <= set(evaluation)
+    assert {"fid_conditional_samples_vs_train_n297", "fid_held_out_vs_train_n297",
+            "fid_unconditional_samples_vs_train_n297", "fid_held_out_vs_any_train_n297",
+            "class_accuracy_guidance_0", "class_accuracy_guidance_4"} <= set(evaluation)
+    assert evaluation["class_accuracy_guidance_0"] >= CLASS_ACCURACY_THRESHOLD
 
 
 # ---------------------------------------------------------------------------------------------------- data

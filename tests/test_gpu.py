@@ -51,7 +51,7 @@ def test_peak_memory_and_automatic_batch():
 def test_solver_steps_never_wait_for_the_gpu(twin):
     """No .item(), no host copy, no value-dependent branch inside a step: torch's sync debug mode turns any
     synchronising call into an error while the solver's whole loop runs (after one warm-up run)."""
-    run, _ = ours_loop(twin, 64, torch.device("cuda"))
+    run = ours_loop(twin, 64, torch.device("cuda")).run
     torch.cuda.set_sync_debug_mode("error")
     try:
         run()
