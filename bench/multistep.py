@@ -45,6 +45,20 @@ def warmup_orders(steps: int, order: int, lower_order_final: bool = True) -> lis
     return orders
 
 
+def linear_combination(x: Tensor, x_weight: float, tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """x_weight x + sum_k weights[k] tensors[k], as a new tensor.
+
+    A multistep update is linear in the state and the stored denoiser outputs, with scalar coefficients; summing
+    it term by term reads and writes the state once per term, where the update written out as differences and
+    divided differences would take a pass (and a kernel launch) per operation. Solver steps are memory- or
+    launch-bound, so this is most of their cost.
+    """
+    combined = x * x_weight
+    for tensor, weight in zip(tensors, weights):
+        combined.add_(tensor, alpha=weight)
+    return combined
+
+
 class History:
     """The last ``size`` values of a quantity (denoised estimates, their lambdas), newest last."""
 

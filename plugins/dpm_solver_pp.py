@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, singlestep_intervals, singlestep_orders,
-                             step_pairs, warmup_orders)
+from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, linear_combination, singlestep_intervals,
+                             singlestep_orders, step_pairs, warmup_orders)
 from bench.solver import Denoise, Noise, Plan, Solver
 
 METHODS = ("singlestep", "multistep")
@@ -174,7 +174,11 @@ class DPMSolverPlusPlus(Solver):
 
     def sample_multistep(self, denoise: Denoise, x: Tensor, sigmas: Tensor, orders: tuple[int, ...]) -> Tensor:
         """DPM-Solver++(2M) / (3M): D's derivatives in lambda from divided differences of the last D, with
-        r_k = h_k / h the previous steps relative to this one."""
+        r_k = h_k / h the previous steps relative to this one.
+
+        The update is linear in x and the stored D's: the derivation below runs on scalars (the weight of each
+        divided difference, then of each D), and the tensors are combined once (bench.multistep.linear_combination).
+        """
         history = History(3)  # (lambda, denoised) of the last steps, newest last
         for (_, sigma, sigma_next), order in zip(step_pairs(sigmas), orders):
             denoised = denoise(x, sigma)
@@ -182,25 +186,37 @@ class DPMSolverPlusPlus(Solver):
                 return denoised
             lambda_, h = -math.log(sigma), math.log(sigma / sigma_next)
             history.push((lambda_, denoised))
+            if order == 1:
+                x = dpm_solver_pp_1(x, sigma, sigma_next, denoised)
+                continue
             phi_1 = math.expm1(-h)  # e^-h - 1
-            x = dpm_solver_pp_1(x, sigma, sigma_next, denoised)  # the first-order step; higher orders add to it
+            # the first-order step, (sigma_t / sigma_s) x_s - (e^-h - 1) D_s; higher orders add to D's weights
+            x_weight, denoised_weight = sigma_next / sigma, -phi_1
             if order == 2:
                 lambda_1, denoised_1 = history[-2]
                 r0 = (lambda_ - lambda_1) / h
-                d1 = (denoised - denoised_1) / r0
+                # weight of d1 = (D_s - D_1) / r0 = h D'
                 if self.solver_type == "midpoint":  # Algorithm 2: D = (1 + 1/(2r)) D_s - 1/(2r) D_prev
-                    x = x - 0.5 * phi_1 * d1
+                    d1_weight = -0.5 * phi_1
                 else:  # "heun": the exact integral of the linear Taylor term
-                    x = x + (phi_1 / h + 1) * d1
-            elif order == 3:
+                    d1_weight = phi_1 / h + 1
+                x = linear_combination(x, x_weight, [denoised, denoised_1],
+                                       [denoised_weight + d1_weight / r0, -d1_weight / r0])
+            else:
                 (lambda_2, denoised_2), (lambda_1, denoised_1) = history[-3], history[-2]
                 r0, r1 = (lambda_ - lambda_1) / h, (lambda_1 - lambda_2) / h
-                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # h D', second-order accurate
-                d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # h^2 D''
                 phi_2 = phi_1 / h + 1
                 phi_3 = phi_2 / h - 0.5
-                x = x + phi_2 * d1 - self.d2_weight * phi_3 * d2
+                # d1_0 = (D_s - D_1) / r0, d1_1 = (D_1 - D_2) / r1;
+                # h D' = d1_0 + r0 / (r0 + r1) (d1_0 - d1_1), second-order accurate,
+                # h^2 D'' = 2 (d1_0 - d1_1) / (r0 + r1), and x += phi_2 h D' - d2_weight phi_3 h^2 D''
+                slope, curvature = r0 / (r0 + r1), 2 / (r0 + r1)
+                d2_term = self.d2_weight * phi_3 * curvature
+                d1_0_weight = phi_2 * (1 + slope) - d2_term
+                d1_1_weight = -phi_2 * slope + d2_term
+                x = linear_combination(x, x_weight, [denoised, denoised_1, denoised_2],
+                                       [denoised_weight + d1_0_weight / r0, -d1_0_weight / r0 + d1_1_weight / r1,
+                                        -d1_1_weight / r1])
         return x
 
     def sample_multistep_sde(self, denoise: Denoise, x: Tensor, sigmas: Tensor, orders: tuple[int, ...],
