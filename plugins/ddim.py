@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
@@ -42,9 +43,9 @@ class DDIM(Solver):
             denoised = denoise(x, sigma)
             sigma_up = min(sigma_next, self.eta * sigma_next * math.sqrt(1 - (sigma_next / sigma) ** 2))
             sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-            x = denoised + (sigma_down / sigma) * (x - denoised)
+            x = torch.lerp(denoised, x, sigma_down / sigma)  # D + (sigma_down / sigma) (x - D), in one pass
             if sigma_up > 0:
-                x = x + sigma_up * noise(step)
+                x.add_(noise(step), alpha=sigma_up)
         return x
 
 

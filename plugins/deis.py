@@ -45,7 +45,7 @@ import numpy as np
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import History, step_pairs, warmup_orders
+from bench.multistep import History, linear_combination, step_pairs, warmup_orders
 from bench.solver import Denoise, Noise, Plan, Solver
 from plugins.schedules import BETA_MAX, BETA_MIN
 
@@ -116,7 +116,7 @@ class DEIS(Solver):
             history.push((sigma, eps))
             points = [history[-1 - j] for j in range(orders[i])]  # newest first
             C = deis_coefficients(sigma, sigma_next, [rho for rho, _ in points], tau)
-            x = x + sum(C_j * eps_j for C_j, (_, eps_j) in zip(C, points))
+            x = linear_combination(x, 1.0, [eps_j for _, eps_j in points], C)  # x + sum_j C_j eps_j
         return x
 
 

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import History, step_pairs
+from bench.multistep import History, linear_combination, step_pairs
 from bench.solver import Denoise, Noise, Plan, Solver
 from plugins.schedules import vp_sigma, vp_time
 
@@ -182,7 +182,10 @@ class IPNDM(Solver):
             if sigma_next == 0:
                 return denoised
             eps_history.push((x - denoised) / sigma)
-            x = x + (sigma_next - sigma) * pseudo_linear_multistep(eps_history, len(eps_history))
+            # x + (sigma_next - sigma) eps', eps' the Adams-Bashforth combination (pseudo_linear_multistep)
+            weights = ADAMS_BASHFORTH[len(eps_history)]
+            x = linear_combination(x, 1.0, [eps_history[-1 - j] for j in range(len(weights))],
+                                   [(sigma_next - sigma) * weight for weight in weights])
         return x
 
 

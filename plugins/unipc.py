@@ -39,7 +39,7 @@ import numpy as np
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import History, step_pairs, warmup_orders
+from bench.multistep import History, linear_combination, step_pairs, warmup_orders
 from bench.solver import Denoise, Noise, Plan, Solver
 
 VARIANTS = ("bh1", "bh2")
@@ -142,10 +142,10 @@ class UniPC(Solver):
             points.append((lambda_next, denoised_next))
         r = [(lambda_m - lambda_) / h for lambda_m, _ in points]
         B, a = unipc_coefficients(h, r, self.variant)
-        x_next = math.exp(-h) * x - math.expm1(-h) * denoised  # the DDIM step
-        for a_m, r_m, (_, denoised_m) in zip(a, r, points):
-            x_next = x_next - (B * a_m / r_m) * (denoised_m - denoised)
-        return x_next
+        # the DDIM step e^-h x - (e^-h - 1) D, minus sum_m (B a_m / r_m) (D_m - D), as one linear combination
+        weights = [B * a_m / r_m for a_m, r_m in zip(a, r)]
+        return linear_combination(x, math.exp(-h), [denoised, *(denoised_m for _, denoised_m in points)],
+                                  [-math.expm1(-h) + sum(weights), *(-weight for weight in weights)])
 
 
 @hookimpl
