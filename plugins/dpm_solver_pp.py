@@ -72,10 +72,12 @@ def dpm_solver_pp_2s(denoise: Denoise, x: Tensor, sigma: float, sigma_next: floa
     D = (1 - 1/(2 r1)) D_s + 1/(2 r1) D(u) stands for D over the whole step."""
     h = math.log(sigma / sigma_next)
     sigma_s1 = sigma * math.exp(-r1 * h)
-    u = (sigma_s1 / sigma) * x - math.expm1(-r1 * h) * denoised
+    u = torch.lerp(denoised, x, sigma_s1 / sigma)  # (sigma_s1 / sigma) x - (e^(-r1 h) - 1) D_s
     denoised_s1 = denoise(u, sigma_s1)
-    denoised_mix = (1 - 1 / (2 * r1)) * denoised + 1 / (2 * r1) * denoised_s1
-    return (sigma_next / sigma) * x - math.expm1(-h) * denoised_mix
+    # (sigma_next / sigma) x - (e^-h - 1) D_mix, D_mix = (1 - 1/(2 r1)) D_s + 1/(2 r1) D(u), as one combination
+    phi_1 = math.expm1(-h)
+    return linear_combination(x, sigma_next / sigma, [denoised, denoised_s1],
+                              [-phi_1 * (1 - 1 / (2 * r1)), -phi_1 / (2 * r1)])
 
 
 def dpm_solver_pp_3s(denoise: Denoise, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor,

@@ -69,9 +69,12 @@ ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12)
                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def pseudo_linear_multistep(eps_history: History, order: int) -> Tensor:
-    """eps' = the ``order``-step Adams-Bashforth combination of the newest estimates (PNDM eq. (13))."""
-    return sum(weight * eps_history[-1 - j] for j, weight in enumerate(ADAMS_BASHFORTH[order]))
+def pseudo_linear_multistep(x: Tensor, eps_history: History, order: int, sigma: float, sigma_next: float) -> Tensor:
+    """The transfer x + (sigma_next - sigma) eps', eps' the ``order``-step Adams-Bashforth combination of the newest
+    estimates (PNDM eq. (13)), summed as one linear combination of x and the eps's."""
+    weights = ADAMS_BASHFORTH[order]
+    return linear_combination(x, 1.0, [eps_history[-1 - j] for j in range(order)],
+                              [(sigma_next - sigma) * weight for weight in weights])
 
 
 def vp_midpoints(sigmas: Tensor) -> list[float]:
@@ -126,15 +129,15 @@ class PNDM(Solver):
                 return denoised
             eps = (x - denoised) / sigma
             eps_history.push(eps)
-            if i < warmup and self.method == "f-pndm":
-                eps_prime = self.pseudo_runge_kutta(denoise, x, eps, sigma, sigma_mids[i], sigma_next)
-            elif i < warmup:
-                eps_prime = self.pseudo_improved_euler(denoise, x, eps, sigma, sigma_next)
-            elif self.method == "s-pndm":
-                eps_prime = pseudo_linear_multistep(eps_history, 2)
+            if i < warmup:
+                if self.method == "f-pndm":
+                    eps_prime = self.pseudo_runge_kutta(denoise, x, eps, sigma, sigma_mids[i], sigma_next)
+                else:
+                    eps_prime = self.pseudo_improved_euler(denoise, x, eps, sigma, sigma_next)
+                x = x + (sigma_next - sigma) * eps_prime  # the transfer: DDIM's step, eq. (9)
             else:
-                eps_prime = pseudo_linear_multistep(eps_history, len(eps_history))
-            x = x + (sigma_next - sigma) * eps_prime  # the transfer: DDIM's step, eq. (9)
+                order = 2 if self.method == "s-pndm" else len(eps_history)
+                x = pseudo_linear_multistep(x, eps_history, order, sigma, sigma_next)
         return x
 
     @staticmethod
@@ -182,10 +185,7 @@ class IPNDM(Solver):
             if sigma_next == 0:
                 return denoised
             eps_history.push((x - denoised) / sigma)
-            # x + (sigma_next - sigma) eps', eps' the Adams-Bashforth combination (pseudo_linear_multistep)
-            weights = ADAMS_BASHFORTH[len(eps_history)]
-            x = linear_combination(x, 1.0, [eps_history[-1 - j] for j in range(len(weights))],
-                                   [(sigma_next - sigma) * weight for weight in weights])
+            x = pseudo_linear_multistep(x, eps_history, len(eps_history), sigma, sigma_next)
         return x
 
 
