@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bench.solver import Plan, Solver
+
 
 def half_log_snr(sigmas: Tensor) -> Tensor:
     """lambda = -log sigma (float64); +inf at sigma = 0."""
@@ -168,3 +170,31 @@ def _r1_r2(fractions: tuple[float, ...]) -> tuple[float | None, float | None]:
     """(r1, r2) from a step's fractions, None for those its order does not use."""
     padded = (*fractions, None, None)
     return padded[0], padded[1]
+
+
+class SinglestepOrMultistep(Solver):
+    """The NFE accounting of Lu et al.'s solvers (DPM-Solver, DPM-Solver++), which run ``method`` "multistep" (one
+    call per step, warmup_orders) or "singlestep" (singlestep_orders; ``intermediates`` "lambda" places a step's
+    inner points between grid sigmas, anything else spends one grid interval per call). Subclasses set method,
+    order, lower_order_final and intermediates."""
+
+    method: str
+    order: int
+    lower_order_final: bool
+    intermediates: str
+
+    def nfe_for_steps(self, steps: int) -> int:
+        """Multistep and grid intermediates: one call per interval of the grid. Singlestep on a grid of one sigma
+        per step: the most a plan of ``steps`` steps can spend, [order] * (steps - 1) + [1]."""
+        if self.method == "singlestep" and self.intermediates == "lambda":
+            return self.order * (steps - 1) + 1
+        return steps
+
+    def plan(self, nfe: int | None) -> Plan:
+        if self.method == "multistep":
+            plan = super().plan(nfe)
+            return Plan(plan.steps, plan.nfe, tuple(warmup_orders(plan.steps, self.order, self.lower_order_final)))
+        super().plan(nfe)  # the budget check
+        orders = singlestep_orders(nfe, self.order)  # DPM-Solver-fast spends the budget exactly
+        steps = len(orders) if self.intermediates == "lambda" else nfe
+        return Plan(steps=steps, nfe=nfe, orders=tuple(orders))

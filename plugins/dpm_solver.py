@@ -50,9 +50,9 @@ from torch import Tensor
 
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
-from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, singlestep_intervals, singlestep_orders,
-                             step_pairs, warmup_orders)
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, SinglestepOrMultistep, singlestep_intervals,
+                             step_pairs)
+from bench.solver import Denoise, Noise, Plan
 
 METHODS = ("singlestep", "multistep", "adaptive")
 ADAPTIVE_DEFAULTS = {"rtol": 0.05, "atol": 0.0078}  # the original code's: atol = 1/128 of data in [-1, 1]
@@ -100,7 +100,7 @@ def dpm_solver_3(denoise: Denoise, x: Tensor, sigma: float, sigma_next: float, e
     return x - sigma_next * math.expm1(h) * eps - sigma_next / r2 * (math.expm1(h) / h - 1) * d2
 
 
-class DPMSolver(Solver):
+class DPMSolver(SinglestepOrMultistep):
     """DPM-Solver with the noise prediction; see the module docstring for the options."""
 
     def __init__(self, order: int = 3, method: str = "singlestep", lower_order_final: bool = True,
@@ -142,26 +142,13 @@ class DPMSolver(Solver):
     def adaptive(self) -> bool:  # type: ignore[override]
         return self.method == "adaptive"
 
-    def nfe_for_steps(self, steps: int) -> int:
-        """Multistep and grid intermediates: one call per interval of the grid. Singlestep on a grid of one sigma
-        per step: the most a plan of ``steps`` steps can spend, [order] * (steps - 1) + [1]."""
-        if self.method == "singlestep" and self.intermediates == "lambda":
-            return self.order * (steps - 1) + 1
-        return steps
-
     def plan(self, nfe: int | None = None) -> Plan:
         if self.adaptive:
             if nfe is not None:
                 raise BenchError(f"solver {self.describe()} is adaptive: give it rtol/atol (a suite's "
                                  f"`tolerances`), not an NFE budget (got nfe={nfe})")
             return Plan(steps=0, nfe=0)  # the steps are chosen while it runs; the counted NFE is the answer
-        if self.method == "multistep":
-            plan = super().plan(nfe)
-            return Plan(plan.steps, plan.nfe, tuple(warmup_orders(plan.steps, self.order, self.lower_order_final)))
-        super().plan(nfe)  # the budget check
-        orders = singlestep_orders(nfe, self.order)  # DPM-Solver-fast spends the budget exactly
-        steps = len(orders) if self.intermediates == "lambda" else nfe
-        return Plan(steps=steps, nfe=nfe, orders=tuple(orders))
+        return super().plan(nfe)
 
     def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
         if self.method == "multistep":

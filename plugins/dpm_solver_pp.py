@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, linear_combination, singlestep_intervals,
-                             singlestep_orders, step_pairs, warmup_orders)
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, SinglestepOrMultistep, linear_combination,
+                             singlestep_intervals, step_pairs)
+from bench.solver import Denoise, Noise, Plan
 
 METHODS = ("singlestep", "multistep")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -95,7 +95,7 @@ def dpm_solver_pp_3s(denoise: Denoise, x: Tensor, sigma: float, sigma_next: floa
     return (sigma_next / sigma) * x - math.expm1(-h) * denoised + (1 / r2) * (math.expm1(-h) / h + 1) * d2
 
 
-class DPMSolverPlusPlus(Solver):
+class DPMSolverPlusPlus(SinglestepOrMultistep):
     """DPM-Solver++ with the data prediction; see the module docstring for the options."""
 
     def __init__(self, order: int = 2, method: str = "multistep", lower_order_final: bool = True,
@@ -135,22 +135,6 @@ class DPMSolverPlusPlus(Solver):
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.sde
-
-    def nfe_for_steps(self, steps: int) -> int:
-        """Multistep and grid intermediates: one call per interval of the grid. Singlestep on a grid of one sigma
-        per step: the most a plan of ``steps`` steps can spend, [order] * (steps - 1) + [1]."""
-        if self.method == "singlestep" and self.intermediates == "lambda":
-            return self.order * (steps - 1) + 1
-        return steps
-
-    def plan(self, nfe: int) -> Plan:
-        if self.method == "multistep":
-            plan = super().plan(nfe)
-            return Plan(plan.steps, plan.nfe, tuple(warmup_orders(plan.steps, self.order, self.lower_order_final)))
-        super().plan(nfe)  # the budget check
-        orders = singlestep_orders(nfe, self.order)  # DPM-Solver-fast spends the budget exactly
-        steps = len(orders) if self.intermediates == "lambda" else nfe
-        return Plan(steps=steps, nfe=nfe, orders=tuple(orders))
 
     def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
         if self.method == "singlestep":
