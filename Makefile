@@ -1,4 +1,5 @@
-# Each target is self-sufficient on a fresh machine: it creates .venv and installs from pyproject.toml.
+# Each target is self-sufficient on a fresh machine: it creates .venv and installs exactly requirements.lock
+# (every package pinned, with hashes), then samplerbench itself without resolving anything.
 PYTHON ?= python3
 # pipefail: a figure script that fails fails its target, even when its output goes through tee
 SHELL := /bin/bash
@@ -7,14 +8,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 # the stamp lives inside bin/: a venv whose programs are gone is reinstalled
 STAMP := $(BIN)/.installed
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: run test bench gpu clean
+.PHONY: run test bench gpu lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
+
+# Refresh the lock on purpose: resolve pyproject.toml's ranges (with the test extra) under constraints.txt, pin
+# every package with its hashes, keeping the existing pins (UPGRADE=1: the newest releases the ranges allow).
+# pip-tools runs in its own venv so that it never changes the project's.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+	.venv-lock/bin/pip-compile --quiet --extra test --generate-hashes --strip-extras --allow-unsafe \
+	    --no-emit-index-url --no-emit-find-links --constraint constraints.txt $(if $(UPGRADE),--upgrade) \
+	    --output-file $(LOCK) pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/samplerbench run bench/suites/quick.toml --out results/ --report reports/quick.html
@@ -47,4 +63,4 @@ gpu: $(STAMP)
 	$(BIN)/samplerbench run bench/suites/gpu.toml --device cuda --report reports/gpu.html
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lock build *.egg-info
