@@ -26,9 +26,10 @@ def command_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite or default_suite(), device=args.device)
     summary = run_suite(suite, args.out, progress=not args.quiet, executor=args.executor, shards=args.shards,
-                        ray_address=args.ray_address, ray_workers=args.ray_workers)
+                        ray_address=args.ray_address, ray_workers=args.ray_workers, rerun=args.rerun)
     report_path = Path(args.report) if args.report else Path("reports") / f"{suite.name}.html"
-    write_report(read_results(summary.store), report_path, title=f"samplerbench: {suite.name}",
+    # the report of this run shows this suite's cells, not rows an earlier version of the suite left in the store
+    write_report(read_results(summary.store, keys=[cell.key for cell in suite.cells]), report_path, title=f"samplerbench: {suite.name}",
                  provenance=_provenance(summary.store, suite_path=str(suite.path)),
                  sample_grids=read_grids(summary.store))
     print(f"{summary.done} cells done, {summary.failed} failed, {summary.skipped} already done; "
@@ -97,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-workers", type=int, help="tasks at once on a local Ray instance (default: one per core)")
     run.add_argument("--out", default="results", help="directory of the results store (default: results/)")
     run.add_argument("--report", help="HTML report path (default: reports/<suite>.html)")
+    run.add_argument("--rerun", action="append", default=[], metavar="PATTERN",
+                     help="recompute the cells whose solver label, solver name or model matches this glob (or whose "
+                          "key starts with it), even if done; repeatable; '*' recomputes every cell")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=command_run)
     listing = commands.add_parser("list", help="plugins and what each registered")

@@ -84,7 +84,7 @@ class MetricContext:
         return self.shared.get("features|" + self.reference_key, draw, persist=True)
 
     def reference_solution(self) -> Tensor:
-        return self.references.get(self.model, self.model_id, self.seed, self.x_T, self.labels)
+        return self.references.get(self.model, self.model_id, self.x_T, self.labels)
 
 
 class SharedCache:

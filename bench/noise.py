@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+GENERATOR = "lowbias32-box-muller-v1"  # names the stream of numbers below: part of every cell key and cache key
 _MASK32 = 0xFFFFFFFF
 X_T_STREAM = 0  # the initial noise; solvers draw their per-step noise from streams 1, 2, ...
 

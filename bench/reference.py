@@ -44,24 +44,27 @@ def solve_reference(model, x_T: Tensor, cond: Tensor | None = None, *, sigma_max
 
 
 class ReferenceCache:
-    """Reference solutions kept in memory and, given a directory, on disk as safetensors, keyed by model,
-    seed, sample indices, labels and sigma range."""
+    """Reference solutions kept in memory and, given a directory, on disk as safetensors, keyed by the model, the
+    initial states themselves (their bytes: a changed noise generator or sample range never reuses a stale
+    solution), the labels, the sigma range and the tolerance."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
         self._memory: dict[str, Tensor] = {}
 
     @staticmethod
-    def key(model_id: str, seed: int, n: int, labels: Tensor | None, sigma_max: float, sigma_min: float,
+    def key(model_id: str, x_T: Tensor, labels: Tensor | None, sigma_max: float, sigma_min: float,
             tolerance: float = REFERENCE_TOLERANCE) -> str:
-        digest = hashlib.sha256(f"{model_id}|{seed}|{n}|{sigma_max!r}|{sigma_min!r}|{tolerance!r}|".encode())
+        digest = hashlib.sha256(f"{model_id}|{x_T.dtype}|{list(x_T.shape)}|{sigma_max!r}|{sigma_min!r}|"
+                                f"{tolerance!r}|".encode())
+        digest.update(x_T.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         if labels is not None:
             digest.update(labels.cpu().to(torch.int64).numpy().tobytes())
         return digest.hexdigest()[:32]
 
-    def get(self, model, model_id: str, seed: int, x_T: Tensor, labels: Tensor | None) -> Tensor:
+    def get(self, model, model_id: str, x_T: Tensor, labels: Tensor | None) -> Tensor:
         tolerance = REFERENCE_TOLERANCE if x_T.dtype == torch.float64 else LOW_PRECISION_REFERENCE_TOLERANCE
-        key = self.key(model_id, seed, len(x_T), labels, model.sigma_max, model.sigma_min, tolerance)
+        key = self.key(model_id, x_T, labels, model.sigma_max, model.sigma_min, tolerance)
         if key in self._memory:
             return self._memory[key]
         path = self.directory / f"reference-{key}.safetensors" if self.directory else None

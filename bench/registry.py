@@ -42,6 +42,8 @@ class PluginInfo:
     name: str
     source: str  # "samplerbench 0.1.0 (plugins.euler)", or "registered at run time (module)"
     registered: list[Registration] = field(default_factory=list)
+    distribution: str | None = None  # the installed distribution that provides it (None: registered at run time)
+    version: str | None = None
 
 
 class PluginManager:
@@ -51,6 +53,7 @@ class PluginManager:
         self._pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
+        self._distributions: dict[str, tuple[str | None, str | None]] = {}  # plugin -> (distribution, version)
         self.failed: dict[str, str] = {}  # entry-point name -> the error it raised on import
         self._lock = threading.Lock()
         self._registries: dict[str, dict[str, Registration]] | None = None
@@ -63,6 +66,7 @@ class PluginManager:
             if self._pm.get_plugin(ep.name) is not None or ep.name in self.failed:
                 continue
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
+            self._distributions[ep.name] = (ep.dist.name, ep.dist.version) if ep.dist is not None else (None, None)
             try:
                 module = ep.load()
             except Exception as error:  # a broken plugin must not take the others down
@@ -92,7 +96,8 @@ class PluginManager:
             if self._registries is not None:
                 return self._registries
             registries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS.values()}
-            plugins = {name: PluginInfo(name, self._sources.get(name, "?")) for name, _ in self._pm.list_name_plugin()}
+            plugins = {name: PluginInfo(name, self._sources.get(name, "?"), [], *self._distributions.get(name, (None, None)))
+                       for name, _ in self._pm.list_name_plugin()}
             for hook_name, kind in KINDS.items():
                 caller = getattr(self._pm.hook, hook_name)
                 # one call per implementation, so that every registration knows the plugin it came from
@@ -133,6 +138,11 @@ class PluginManager:
     def plugins(self) -> list[PluginInfo]:
         self._build()
         return sorted(self._plugins.values(), key=lambda info: info.name)
+
+    def plugin(self, name: str) -> PluginInfo:
+        """The plugin that registered something: ``plugin(get(kind, name).plugin)``."""
+        self._build()
+        return self._plugins[name]
 
 
 _default: PluginManager | None = None

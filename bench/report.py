@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -28,10 +29,12 @@ from plotly.colors import qualitative
 # Columns every results frame has; any other float column is a plugin's own metric (plotted against NFE on a
 # linear axis, and listed in the cells table).
 FIXED_COLUMNS = (
-    "key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n",
-    "status", "error", "nfe", "model_evals", "seconds", "device", "steps", "batch_size", "peak_memory_bytes",
-    "network_precision",
+    "key", "config_key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance",
+    "labels", "seed", "n", "status", "error", "nfe", "model_evals", "seconds", "device", "steps", "batch_size",
+    "peak_memory_bytes", "network_precision",
 )
+# config entries that vary along a series (its x axis and its seeds), or that do not change samples
+NOT_SERIES = ("seed", "nfe", "tolerance", "metrics")
 KNOWN_METRICS = ("trajectory_error", "fid", "frechet_exact", "kid", "precision", "recall")
 # Quality metrics (lower is better) that get a "vs NFE" plot. KID's unbiased estimate can be <= 0: linear y.
 QUALITY_PLOTS = (("fid", "FID", True), ("trajectory_error", "trajectory error", True),
@@ -133,7 +136,11 @@ def _has(frame: pd.DataFrame, column: str) -> bool:
 
 
 def _with_series(done: pd.DataFrame) -> pd.DataFrame:
-    """Add the plot-line id: the label, plus schedule / guidance only when they vary within the model."""
+    """Add the plot-line id: the label, plus schedule / guidance only when they vary within the model.
+
+    A series is one config but for its seeds and budgets: rows whose configs differ otherwise (say, two sample
+    counts left in a store by an edited suite) never share a line or a mean, and their names say how they differ.
+    """
     done = done.copy()
     name = done["label"]
     if done["schedule"].nunique() > 1:
@@ -143,8 +150,24 @@ def _with_series(done: pd.DataFrame) -> pd.DataFrame:
     if "network_precision" in done.columns and done["network_precision"].nunique() > 1:
         name = name + " · " + done["network_precision"].astype(str)
     done["series"] = name
+    if "config" in done.columns and not done.empty:
+        configs = [_series_config(text) for text in done["config"]]
+        identities = pd.Series([json.dumps(c, sort_keys=True, default=str) for c in configs], index=done.index)
+        for series, rows in done.groupby("series"):
+            distinct = identities[rows.index].unique()
+            if len(distinct) > 1:
+                parsed = [json.loads(identity) for identity in distinct]
+                for identity, config in zip(distinct, parsed):
+                    differing = {k: v for k, v in config.items() if any(other.get(k) != v for other in parsed)}
+                    suffix = ", ".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(differing.items()))
+                    done.loc[rows.index[identities[rows.index] == identity], "series"] = f"{series} [{suffix}]"
     done["guidance_key"] = done["guidance"].fillna(-np.inf)  # groupby keys must not drop NaN guidance
     return done
+
+
+def _series_config(text: object) -> dict:
+    config = json.loads(text) if isinstance(text, str) else {}
+    return {key: value for key, value in config.items() if key not in NOT_SERIES}
 
 
 def _aggregate(done: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFrame:
@@ -373,6 +396,40 @@ def _provenance_table(provenance: Mapping[str, str]) -> str:
     return _table(["item", "value"], [[k, v] for k, v in provenance.items()])
 
 
+def _code_table(frame: pd.DataFrame) -> str:
+    """Every plugin that computed a row, with its distribution, version and source hash (bench.provenance)."""
+    if "code" not in frame.columns:
+        return ""
+    rows = set()
+    for text in frame["code"].dropna():
+        code = json.loads(text) if isinstance(text, str) else text
+        harness = code.get("harness") or {}
+        if harness:
+            rows.add(("harness", "bench", "samplerbench", harness.get("samplerbench"),
+                      f"noise {harness.get('noise')}", str(harness.get("sha256", ""))[:16]))
+        for role in ("model", "solver", "schedule", "metrics"):
+            entries = code.get(role) or []
+            for entry in entries if isinstance(entries, list) else [entries]:
+                rows.add((role.rstrip("s"), entry.get("name"), entry.get("plugin"), entry.get("distribution"),
+                          f"{entry.get('version')} ({entry.get('module')})", str(entry.get("sha256", ""))[:16]))
+    if not rows:
+        return ""
+    header = ["role", "name", "plugin", "distribution", "version (module)", "source sha256"]
+    return "<h3>Code</h3>" + _table(header, sorted(rows, key=lambda row: tuple(map(str, row))))
+
+
+def _conditioning(cells: pd.DataFrame) -> str:
+    """Whether the model's samples were conditional, and on which labels: it changes every number."""
+    if "labels" not in cells.columns:
+        return ""
+    kinds = sorted(cells["labels"].dropna().astype(str).unique())
+    text = {"none": "unconditional (no labels)",
+            "balanced": "conditional, balanced labels (sample i is drawn for class i mod the number of classes)"}
+    described = "; ".join(text.get(kind, kind) for kind in kinds) or "not recorded"
+    return f'<p class="note">Samples: {html.escape(described)}.</p>'
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Page
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,7 +496,7 @@ def _sample_gallery(done: pd.DataFrame, sample_grids: Mapping[str, bytes]) -> st
 
 def _model_section(index: int, model: str, cells: pd.DataFrame, sample_grids: Mapping[str, bytes]) -> str:
     done = _with_series(_done(cells))
-    parts = [f'<section id="model-{index}"><h2>Model: {html.escape(model)}</h2>']
+    parts = [f'<section id="model-{index}"><h2>Model: {html.escape(model)}</h2>', _conditioning(cells)]
     if done.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
@@ -481,7 +538,7 @@ def _render_page(frame: pd.DataFrame, *, title: str, provenance: Mapping[str, st
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{CSS}</style>{_plotly_script()}</head>\n<body>"
         f"<h1>{html.escape(title)}</h1>{_summary(frame)}{_notes(frame, provenance)}{_toc(models)}"
-        f"{sections}<h2>Provenance</h2>{_provenance_table(provenance)}</body></html>\n"
+        f"{sections}<h2>Provenance</h2>{_provenance_table(provenance)}{_code_table(frame)}</body></html>\n"
     )
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import fnmatch
+import json
 import math
 import os
 import platform
 import subprocess
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,21 +63,14 @@ def git_sha() -> str | None:
     return result.stdout.strip() or None
 
 
-def labels_for(cell: Cell, model) -> torch.Tensor | None:
-    if cell.labels == "none":
-        return None
-    return torch.arange(cell.n) % model.num_classes  # balanced: sample i gets class i mod C
-
-
 def sample_shard(cell: Cell, model, plugins: PluginManager, start: int = 0, stop: int | None = None) -> SampleOutput:
     """Samples start .. stop - 1 of a cell (all of them by default): a shard draws exactly the samples the whole
     cell would, by per-sample seeding."""
     stop = cell.n if stop is None else stop
-    labels = labels_for(cell, model)
     return sample(model, cell.solver.name, nfe=cell.nfe, n=stop - start, offset=start, seed=cell.seed,
                   schedule=cell.schedule.name, schedule_options=cell.schedule.kwargs, dtype=cell.dtype,
-                  guidance=cell.guidance, guidance_type=cell.guidance_type,
-                  labels=labels[start:stop] if labels is not None else None, batch_size=cell.batch_size,
+                  guidance=cell.guidance, guidance_type=cell.guidance_type, labels=cell.labels,
+                  batch_size=cell.batch_size,
                   device=cell.device, precision=cell.precision, cuda_graph=cell.cuda_graph, plugins=plugins,
                   **cell.solver_options)
 
@@ -84,11 +80,14 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
     """The row's measured part from a cell's samples (one shard, or several in sample order). Raises on failure."""
     x = torch.cat([shard.x.to(shards[0].x.device) for shard in shards])
     x_T = torch.cat([shard.x_T.to(x.device) for shard in shards])
+    labels = torch.cat([shard.labels for shard in shards]) if shards[0].labels is not None else None
+    if len(x) != cell.n:
+        raise BenchError(f"the cell drew {len(x)} samples; it asked for {cell.n}")
     if not torch.isfinite(x).all().item():
         bad = (~torch.isfinite(x.flatten(1))).any(dim=1).sum().item()
         raise FloatingPointError(f"{bad} of {cell.n} samples are not finite")
     context = MetricContext(model=model, model_id=model_id(cell.model.name, cell.model.kwargs, model),
-                            samples=x, x_T=x_T, labels=labels_for(cell, model), seed=cell.seed,
+                            samples=x, x_T=x_T, labels=labels, seed=cell.seed,
                             stochastic=shards[0].stochastic, references=references, shared=shared,
                             feature_space=feature_space)
     metrics = {}
@@ -135,10 +134,21 @@ def _feature_space_or_none(model, weights_path: str | None) -> FeatureSpace | No
         return None
 
 
+def matches(cell: Cell, patterns: Sequence[str]) -> bool:
+    """Whether a --rerun glob names this cell: by its solver label, solver name or model, or a key prefix."""
+    names = (cell.solver.describe(), cell.solver.name, cell.model.describe(), cell.model.name)
+    return any(cell.key.startswith(pattern) or any(fnmatch.fnmatchcase(name, pattern) for name in names)
+               for pattern in patterns)
+
+
 def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
               progress: bool = True, executor: str = "local", shards: int = 1,
-              ray_address: str | None = None, ray_workers: int | None = None) -> RunSummary:
+              ray_address: str | None = None, ray_workers: int | None = None,
+              rerun: Sequence[str] = ()) -> RunSummary:
     """Run every cell not yet done; the driver writes each row, in one transaction, as its cell finishes.
+
+    A cell is done when the store holds a done row under its key, which covers its config and the code that computes
+    it: edited code is recomputed. ``rerun`` globs (see ``matches``) recompute the cells they name anyway.
 
     ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.executors); the
     samples, and so the rows, are the local executor's, since every sample's noise depends on its index alone.
@@ -196,17 +206,19 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
     done = failed = 0
     with Store(store_path) as store:
         finished = store.done_keys()
-        pending = [cell for cell in suite.cells if cell.key not in finished]
+        pending = [cell for cell in suite.cells if cell.key not in finished or matches(cell, rerun)]
         outcomes = local_outcomes(pending) if executor == "local" else ray_outcomes(pending)
         bar = tqdm(outcomes, total=len(pending), desc=suite.name, unit="cell", disable=not progress,
                    file=sys.stderr)
         for cell, produce in bar:
             budget = f"nfe={cell.nfe}" if cell.tolerance is None else f"tol={cell.tolerance:g}"
             bar.set_postfix_str(f"{cell.model.name} {cell.solver.describe()} {budget}", refresh=False)
-            row = {"key": cell.key, "suite": cell.suite, "model": cell.model.describe(), "solver": cell.solver.name,
-                   "label": cell.solver.describe(), "schedule": cell.schedule.describe(), "nfe_budget": cell.nfe,
-                   "tolerance": cell.tolerance, "guidance": cell.guidance, "seed": cell.seed, "n": cell.n,
-                   "dtype": cell.dtype, "network_precision": cell.precision, "device": cell.device, "config": cell.config(),
+            row = {"key": cell.key, "config_key": cell.config_key, "suite": cell.suite, "model": cell.model.describe(),
+                   "solver": cell.solver.name, "label": cell.solver.describe(), "schedule": cell.schedule.describe(),
+                   "nfe_budget": cell.nfe, "tolerance": cell.tolerance, "guidance": cell.guidance,
+                   "labels": cell.labels, "seed": cell.seed, "n": cell.n, "dtype": cell.dtype,
+                   "network_precision": cell.precision, "device": cell.device, "config": cell.config(),
+                   "code": json.loads(cell.code),
                    "environment": environments.setdefault(cell.device, environment(cell.device))}
             try:
                 row.update(produce(), status="done", error=None)

@@ -19,7 +19,22 @@ from bench.solver import Plan, Solver, build_solver
 from bench.timing import Stopwatch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # of the network's arithmetic; the solver's state keeps its dtype
+# Conditioning, the same default for bench.sample and suites: "none" samples unconditionally (the model's own
+# D(x; sigma)); "balanced" conditions sample i on class i mod C (conditional models only).
+LABEL_CHOICES = ("none", "balanced")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def agreement_tolerance(dtype: torch.dtype, sigma_max: float) -> float:
+    """How far the same samples may lie apart when drawn in other batches, on another device or by another executor.
+
+    x_T and the per-step noise are bit for bit the same (bench.noise); the samples are not, because the
+    denoiser's batched arithmetic (matrix-product blocking, reduction order) rounds differently for another batch
+    size or device, and the solver carries that rounding along its steps. 64 machine epsilons of the largest scale
+    a trajectory passes through (sigma_max) bound it with a wide margin: the worst seen, a stochastic solver in
+    float32 at sigma_max = 80, was 3.4e-5 (4 epsilons of 80).
+    """
+    return 64 * torch.finfo(dtype).eps * max(1.0, sigma_max)  # of the network's arithmetic; the solver's state keeps its dtype
 
 
 @dataclass
@@ -31,7 +46,7 @@ class SampleOutput:
     seconds: float  # sampling wall-clock, warm-up excluded
     plan: Plan
     sigmas: Tensor  # the grid, float64
-    labels: Tensor | None
+    labels: Tensor | None  # the class of each sample, or None: unconditional
     stochastic: bool  # whether the solver drew per-step noise (its samples then follow no ODE trajectory)
     batch_size: int = 0  # the batch actually used (halved from n until it fit, when none was given)
     peak_memory_bytes: int | None = None  # peak device memory while sampling (CUDA only)
@@ -66,6 +81,20 @@ def make_sigmas(schedule: str, steps: int, model: Denoiser, plugins: PluginManag
     return sigmas
 
 
+def resolve_labels(model: Denoiser, labels: Tensor | str | None, n: int, offset: int = 0) -> Tensor | None:
+    """The class of each of the samples offset .. offset + n - 1: given, balanced (class i mod C), or none."""
+    if labels is None or isinstance(labels, Tensor):
+        return labels
+    if labels not in LABEL_CHOICES:
+        raise unknown_name("labels choice", str(labels), LABEL_CHOICES)
+    if labels == "none":
+        return None
+    if model.num_classes is None:
+        raise BenchError(f"labels={labels!r} given, but model {getattr(model, 'name', model)!r} is unconditional; "
+                         "drop labels")
+    return (offset + torch.arange(n)) % model.num_classes
+
+
 def check_conditioning(model: Denoiser, guidance: float | None, labels: Tensor | None, n: int) -> None:
     if model.num_classes is None:
         if guidance is not None:
@@ -82,7 +111,8 @@ def check_conditioning(model: Denoiser, guidance: float | None, labels: Tensor |
         if len(bad):
             raise BenchError(f"label {int(bad[0])} is out of range: model has classes 0..{model.num_classes - 1}")
     if guidance is not None and labels is None:
-        raise BenchError("guidance needs labels: classifier-free guidance steers towards a class")
+        raise BenchError("guidance needs labels (labels=\"balanced\" or a tensor of classes): guidance steers "
+                         "towards a class")
 
 
 def model_device(model: Denoiser) -> torch.device:
@@ -94,7 +124,7 @@ def model_device(model: Denoiser) -> torch.device:
 
 def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = None, n: int, seed: int = 0,
            schedule: str = "karras", dtype: torch.dtype | str = torch.float32, guidance: float | None = None,
-           labels: Tensor | None = None, guidance_type: str = "classifier-free", batch_size: int | None = None,
+           labels: Tensor | str | None = "none", guidance_type: str = "classifier-free", batch_size: int | None = None,
            device: str | torch.device | None = None, offset: int = 0, precision: str = "fp32",
            cuda_graph: bool = False, schedule_options: dict[str, Any] | None = None, warmup: bool = True,
            plugins: PluginManager | None = None, **solver_options: Any) -> SampleOutput:
@@ -107,6 +137,12 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     Sample i of seed s starts from the same x_T (and, for stochastic solvers, sees the same per-step noise)
     whatever n, batch_size or device: noise is a function of (seed, i) alone. ``offset`` makes this call draw
     samples offset .. offset + n - 1 (a shard of a larger cell; ``labels`` then hold the shard's n labels).
+
+    ``labels``: "none" (the default, as in suites: unconditional), "balanced" (sample i gets class i mod C), or a
+    tensor of n classes.
+
+    The samples are checked before they are returned: a solver that returns the wrong shape or dtype, or calls the
+    denoiser more often than its plan declared, raises a BenchError naming what it did and what was declared.
 
     ``precision`` sets the network's arithmetic ("fp32", "tf32", "bf16" or "fp16" under autocast) while the
     solver's state stays in ``dtype``. ``cuda_graph`` captures a fixed-step solver's whole loop for one batch shape
@@ -126,6 +162,7 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         raise BenchError("solver options go to the solver's constructor when the solver is given as an instance")
     if n < 1:
         raise BenchError(f"n must be >= 1; got {n}")
+    labels = resolve_labels(model, labels, n, offset)
     check_conditioning(model, guidance, labels, n)
 
     if solver.adaptive:
@@ -204,6 +241,7 @@ class _Run:
         for start in range(0, n, batch_size):
             positions = torch.arange(start, min(start + batch_size, n))
             x, x_T, counted = graph(positions, stopwatch) if graph else self.batch(positions, stopwatch)
+            self.check(x, x_T, counted[0])
             samples.append(x)
             initial_states.append(x_T)
             counts.append(counted)
@@ -216,6 +254,21 @@ class _Run:
         return SampleOutput(x=torch.cat(samples), x_T=torch.cat(initial_states), nfe=nfe, model_evals=model_evals,
                             seconds=stopwatch.seconds(), plan=self.plan, sigmas=self.sigmas, labels=self.labels,
                             stochastic=self.solver.stochastic, batch_size=batch_size, peak_memory_bytes=peak)
+
+    def check(self, x: Tensor, x_T: Tensor, nfe: int) -> None:
+        """What the solver returned for one batch is what its contract promises, before anything uses it."""
+        solver = self.solver.describe()
+        if not isinstance(x, Tensor):
+            raise BenchError(f"solver {solver} returned {type(x).__name__}, not a tensor of samples")
+        if x.shape != x_T.shape:
+            raise BenchError(f"solver {solver} returned samples of shape {list(x.shape)} for a batch of shape "
+                             f"{list(x_T.shape)} ({len(x_T)} samples of {list(x_T.shape[1:])})")
+        if x.dtype != self.dtype or x.device != x_T.device:
+            raise BenchError(f"solver {solver} returned {x.dtype} samples on {x.device}; the run is {self.dtype} on "
+                             f"{x_T.device}")
+        if not self.solver.adaptive and nfe > self.plan.nfe:
+            raise BenchError(f"solver {solver} made {nfe} denoiser calls per sample, but its plan ({self.plan.steps} "
+                             f"steps) declared {self.plan.nfe}")
 
     def draw(self, indices: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, CountingDenoiser]:
         """x_T of the samples with global ``indices``, and the solver's result from it: all device work."""

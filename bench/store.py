@@ -1,7 +1,10 @@
-"""The results store: one SQLite file per suite, one row per cell, keyed by the hash of the cell's config.
+"""The results store: one SQLite file per suite, one row per cell, keyed by the hash of the cell's config and of
+the code that computed it (bench.provenance).
 
 Each row is written in one transaction, so an interrupted sweep leaves only whole rows; a resumed sweep skips the
-done cells and retries the failed ones. ``read_results`` gives a pandas DataFrame with one column per metric.
+done cells and retries the failed ones. A row written for a config replaces any row of the same config computed by
+other code (``config_key``), so a store never holds a stale number beside a fresh one. ``read_results`` gives a
+pandas DataFrame with one column per metric.
 """
 
 from __future__ import annotations
@@ -9,14 +12,18 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.errors import BenchError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     key TEXT PRIMARY KEY,
+    config_key TEXT NOT NULL,
     suite TEXT NOT NULL,
     model TEXT NOT NULL,
     solver TEXT NOT NULL,
@@ -25,6 +32,7 @@ CREATE TABLE IF NOT EXISTS cells (
     nfe_budget INTEGER,
     tolerance REAL,
     guidance REAL,
+    labels TEXT NOT NULL,
     seed INTEGER NOT NULL,
     n INTEGER NOT NULL,
     dtype TEXT NOT NULL,
@@ -40,6 +48,7 @@ CREATE TABLE IF NOT EXISTS cells (
     peak_memory_bytes INTEGER,
     metrics TEXT NOT NULL,
     config TEXT NOT NULL,
+    code TEXT NOT NULL,
     environment TEXT NOT NULL,
     finished_at TEXT NOT NULL
 )
@@ -50,9 +59,11 @@ CREATE TABLE IF NOT EXISTS grids (
     png BLOB NOT NULL
 )
 """
-COLUMNS = ("key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "dtype",
-           "network_precision", "device", "status", "error", "nfe", "model_evals", "steps", "seconds", "batch_size",
-           "peak_memory_bytes", "metrics", "config", "environment", "finished_at")
+COLUMNS = ("key", "config_key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance",
+           "labels", "seed", "n", "dtype", "network_precision", "device", "status", "error", "nfe", "model_evals",
+           "steps", "seconds", "batch_size", "peak_memory_bytes", "metrics", "config", "code", "environment",
+           "finished_at")
+JSON_COLUMNS = ("metrics", "config", "code", "environment")
 
 
 class Store:
@@ -62,6 +73,11 @@ class Store:
         # the driver alone writes; a generous timeout rides out a reader holding the lock
         self._connection = sqlite3.connect(self.path, timeout=60)
         with self._connection:
+            columns = [row[1] for row in self._connection.execute("PRAGMA table_info(cells)")]
+            if columns and columns != list(COLUMNS):
+                # a store written by an earlier samplerbench: its rows cannot say which code made them
+                raise BenchError(f"{str(self.path)!r} was written by an earlier version of samplerbench (its columns "
+                                 f"differ); move it aside and run again to recompute its cells")
             self._connection.execute(SCHEMA)
             self._connection.execute(GRIDS_SCHEMA)
 
@@ -73,12 +89,17 @@ class Store:
         """One cell's row (and its sample grid, for image models), in one transaction; a failed cell run again
         replaces its old row."""
         values = dict(row)
-        for column in ("metrics", "config", "environment"):
+        for column in JSON_COLUMNS:
             values[column] = json.dumps(values[column], sort_keys=True, default=str)
         missing = [column for column in COLUMNS if column not in values]
         if missing:
             raise ValueError(f"row lacks columns {missing}")
         with self._connection:
+            stale = [key for (key,) in self._connection.execute(
+                "SELECT key FROM cells WHERE config_key = ? AND key != ?", (values["config_key"], values["key"]))]
+            for key in stale:
+                self._connection.execute("DELETE FROM cells WHERE key = ?", (key,))
+                self._connection.execute("DELETE FROM grids WHERE key = ?", (key,))
             self._connection.execute(
                 f"INSERT OR REPLACE INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                 [values[column] for column in COLUMNS],
@@ -97,15 +118,16 @@ class Store:
         self.close()
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """All rows, with the metrics spread into one float column each (NaN where a metric did not apply)."""
+def read_results(path: str | Path, keys: Iterable[str] | None = None) -> pd.DataFrame:
+    """All rows (or those with the given keys), with the metrics spread into one float column each (NaN where a
+    metric did not apply)."""
     path = Path(path)
     if not path.exists():
-        from bench.errors import BenchError
-
         raise BenchError(f"no results store at {str(path)!r}")
     with sqlite3.connect(path) as connection:
         frame = pd.read_sql_query("SELECT * FROM cells ORDER BY model, label, schedule, nfe_budget, seed", connection)
+    if keys is not None:
+        frame = frame[frame["key"].isin(set(keys))].reset_index(drop=True)
     metrics = [json.loads(text) for text in frame["metrics"]]
     names = sorted({name for row in metrics for name in row})
     clashes = set(names) & set(COLUMNS)

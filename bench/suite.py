@@ -10,8 +10,8 @@
     metrics = ["trajectory_error", "fid", "precision", "recall"]
     guidance = [0.0, 2.0]        # conditional models only; omit for none
     guidance_type = "classifier-free"   # or "classifier" (models that know their noisy-class posterior)
-    labels = "auto"              # "balanced" (sample i gets class i mod C), "none", or "auto": balanced for
-                                 # conditional models, none for unconditional ones
+    labels = "none"              # the default: unconditional samples; "balanced": sample i gets class i mod C
+                                 # (conditional models only; guidance needs it)
     feature_extractor_weights_path = "..."   # Inception weights, for 3xHxW models without a feature space
     precision = ["fp32", "bf16"]  # the network's arithmetic: fp32, tf32, bf16, fp16 (a list is an axis)
     cuda_graph = true            # capture fixed-step solvers' loops as CUDA graphs (cuda only)
@@ -22,7 +22,7 @@
     [[solvers]]
     name = "ddim"
     eta = 0.5                    # any other key is a solver option
-    label = "ddim-0.5"           # optional: how the report names it
+    label = "ddim-0.5"           # optional: how the report names it (one label, one config)
     nfe = [10, 20]               # optional: this solver's own budgets (likewise `schedules`)
 
     [[solvers]]
@@ -34,7 +34,6 @@ Everything is validated before anything runs, so bad input leaves no partial out
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import tomllib
@@ -44,8 +43,9 @@ from typing import Any
 
 from bench.errors import BenchError, unknown_name
 from bench.guidance import GUIDANCE_KINDS
+from bench.provenance import canonical_json, component_identity, digest_of, harness_identity
 from bench.registry import PluginManager, manager
-from bench.sampling import PRECISIONS, load_model, make_sigmas
+from bench.sampling import LABEL_CHOICES, PRECISIONS, load_model, make_sigmas
 from bench.solver import build_solver
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
@@ -53,7 +53,6 @@ SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seed
               "precision", "cuda_graph"}
 SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-LABELS = ("auto", "none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -90,13 +89,14 @@ class Cell:
     n: int
     dtype: str
     device: str
-    labels: str  # "none" or "balanced", resolved from "auto" per model
+    labels: str  # "none" (unconditional) or "balanced"
     metrics: tuple[str, ...]
     batch_size: int | None = None
     tolerance: float | None = None  # rtol = atol of an adaptive solver
     guidance_type: str = "classifier-free"
     precision: str = "fp32"
     cuda_graph: bool = False
+    code: str = "{}"  # canonical JSON: each plugin that takes part (distribution, version, source hash), the harness
 
     @property
     def solver_options(self) -> dict[str, Any]:
@@ -116,9 +116,18 @@ class Cell:
         }
 
     @property
+    def config_key(self) -> str:
+        """The config alone: the rows of one config measured by different code supersede each other."""
+        return digest_of(self.config())
+
+    @property
     def key(self) -> str:
-        canonical = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+        """The row's key: the config and the identity of the code that computes it (bench.provenance)."""
+        return digest_of({"config": self.config(), "code": json.loads(self.code)})
+
+    def describe(self) -> str:
+        budget = f"nfe={self.nfe}" if self.tolerance is None else f"tol={self.tolerance:g}"
+        return f"{self.model.describe()} {self.solver.describe()} {self.schedule.describe()} {budget} seed={self.seed}"
 
 
 @dataclass
@@ -171,9 +180,9 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         plugins.get("metric", metric)
     guidance_axis = data.get("guidance")
     guidances = [None] if guidance_axis is None else [float(_number(g, "guidance")) for g in _list(guidance_axis, "guidance")]
-    labels = _string(data.get("labels", "auto"), "labels")
-    if labels not in LABELS:
-        raise unknown_name("labels choice", labels, LABELS)
+    labels = _string(data.get("labels", "none"), "labels")
+    if labels not in LABEL_CHOICES:
+        raise unknown_name("labels choice", labels, LABEL_CHOICES)
     guidance_type = _string(data.get("guidance_type", "classifier-free"), "guidance_type")
     if guidance_type not in GUIDANCE_KINDS:
         raise unknown_name("guidance type", guidance_type, GUIDANCE_KINDS)
@@ -197,17 +206,17 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
     if not models or not solvers:
         raise BenchError("a suite needs at least one [[models]] and one [[solvers]] entry")
 
-    loaded, model_labels = {}, {}
+    loaded = {}
     for model in models:
         loaded[model] = load_model(model.name, device="cpu", plugins=plugins, **model.kwargs)
         conditional = loaded[model].num_classes is not None
-        model_labels[model] = ("balanced" if conditional else "none") if labels == "auto" else labels
         if guidance_axis is not None and not conditional:
             raise BenchError(f"guidance = {guidance_axis} given, but model {model.name!r} is unconditional; "
                              "remove guidance or the model")
-        if guidance_axis is not None and model_labels[model] == "none":
-            raise BenchError("guidance needs labels: set labels = \"balanced\"")
-        if model_labels[model] != "none" and not conditional:
+        if guidance_axis is not None and labels == "none":
+            raise BenchError("guidance needs labels: set labels = \"balanced\" (the default, \"none\", samples "
+                             "unconditionally)")
+        if labels != "none" and not conditional:
             raise BenchError(f"labels = {labels!r} given, but model {model.name!r} is unconditional")
         if guidance_type == "classifier" and guidance_axis is not None and not hasattr(loaded[model],
                                                                                         "class_log_posterior"):
@@ -216,13 +225,17 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         for schedule in default_schedules:
             make_sigmas(schedule.name, 2, loaded[model], plugins, **schedule.kwargs)  # bad options fail now
 
-    cells = []
+    cells, labelled = [], {}
     for solver_table in solvers:
         solver_name = _string(solver_table.get("name"), "solvers.name")
         registration = plugins.get("solver", solver_name)
         options = {key: value for key, value in solver_table.items() if key not in SOLVER_AXIS_KEYS}
         solver = build_solver(registration.obj, registration.name, options)
         component = Component(registration.name, tuple(sorted(options.items())), str(solver_table.get("label", "")))
+        first = labelled.setdefault(component.describe(), component)
+        if (first.name, first.options) != (component.name, component.options):
+            raise BenchError(f"two [[solvers]] entries are labelled {component.describe()!r}: {_spelled(first)} and "
+                             f"{_spelled(component)}; a label names one config, so give each its own label")
         if solver.adaptive:
             if "nfe" in solver_table or "tolerances" not in solver_table:
                 raise BenchError(f"solver {solver_name!r} is adaptive: give it `tolerances = [...]` (rtol = atol) "
@@ -246,13 +259,29 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
             schedules = [_component(entry, "schedule", plugins) for entry in _list(solver_table["schedules"], "schedules")]
         for model in models:
             for schedule in schedules:
+                code = canonical_json({
+                    "harness": harness_identity(), "model": component_identity(plugins, "model", model.name),
+                    "solver": component_identity(plugins, "solver", component.name),
+                    "schedule": (component_identity(plugins, "schedule", schedule.name)
+                                 if not solver.adaptive else None),
+                    "metrics": [component_identity(plugins, "metric", metric) for metric in sorted(metrics)]})
                 for budget, tolerance in itertools.product(budgets, tolerances):
                     for guidance, precision, seed in itertools.product(guidances, precisions, seeds):
                         cells.append(Cell(name, model, component, schedule, budget, guidance, seed, n, dtype,
-                                          device, model_labels[model], metrics, batch_size, tolerance,
-                                          guidance_type, precision, cuda_graph and not solver.adaptive))
+                                          device, labels, metrics, batch_size, tolerance,
+                                          guidance_type, precision, cuda_graph and not solver.adaptive, code))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.config_key in seen:
+            raise BenchError(f"the cell {cell.describe()} appears twice; remove the duplicate entry or value")
+        seen[cell.config_key] = cell
     return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded,
                  feature_extractor_weights_path=weights_path)
+
+
+def _spelled(component: Component) -> str:
+    options = ", ".join(f"{key}={value!r}" for key, value in component.options)
+    return f"{component.name}({options})"
 
 
 def _component(entry: Any, kind: str, plugins: PluginManager) -> Component:

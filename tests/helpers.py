@@ -64,3 +64,12 @@ def plugins_with_test_solvers() -> PluginManager:
     return plugins
 
 
+
+
+def assert_same_samples(first, second, model) -> None:
+    """Two draws of the same samples (other batch sizes, devices or executors) agree to the stated tolerance; their
+    initial states, a pure function of seed and sample index, agree bit for bit."""
+    from bench.sampling import agreement_tolerance
+
+    assert torch.equal(first.x_T, second.x_T)
+    torch.testing.assert_close(first.x, second.x, rtol=0, atol=agreement_tolerance(first.x.dtype, model.sigma_max))

@@ -94,7 +94,7 @@ def test_classifier_guidance_needs_a_posterior():
 
 
 def test_guidance_sweep_records_model_evaluations(tmp_path):
-    text = 'guidance = [0.0, 1.0]\n' + TINY_SUITE.replace("seeds = [0, 1]", "seeds = [0]")
+    text = 'guidance = [0.0, 1.0]\nlabels = "balanced"\n' + TINY_SUITE.replace("seeds = [0, 1]", "seeds = [0]")
     suite = load_suite(write_suite(tmp_path, text))
     run_suite(suite, tmp_path, progress=False)
     frame = read_results(tmp_path / "tiny.sqlite")

@@ -44,9 +44,12 @@ def test_reference_is_cached_in_memory_and_on_disk(gmm2d, tmp_path, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr("bench.reference.solve_reference", counting)
-    first = ReferenceCache(tmp_path).get(gmm2d, "gmm2d", 0, x_T, None)
-    again = ReferenceCache(tmp_path).get(gmm2d, "gmm2d", 0, x_T, None)  # a new process: from disk
+    first = ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T, None)
+    again = ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T, None)  # a new process: from disk
     assert len(calls) == 1 and torch.equal(first, again)
     assert len(list(tmp_path.glob("reference-*.safetensors"))) == 1
-    ReferenceCache(tmp_path).get(gmm2d, "gmm2d", 0, x_T[:4], None)  # another n is another key
+    ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T[:4], None)  # another n is another key
     assert len(calls) == 2
+    # other initial states of the same size (another noise generator, another sample range) are another key
+    ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T.flip(0), None)
+    assert len(calls) == 3

@@ -90,7 +90,7 @@ def test_image_models_store_a_sample_grid_per_cell_and_the_report_shows_them(tmp
     from bench.store import read_grids
 
     text = TINY_SUITE.replace('name = "gmm2d"', 'name = "gmm-image"').replace("seeds = [0, 1]", "seeds = [0]")
-    text = 'guidance = [0.0, 2.0]\n' + text
+    text = 'guidance = [0.0, 2.0]\nlabels = "balanced"\n' + text
     path = write_suite(tmp_path, text)
     report = tmp_path / "tiny.html"
     assert main(["run", str(path), "--out", str(tmp_path), "--report", str(report), "--quiet"]) == 0

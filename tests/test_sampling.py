@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bench
+from bench.sampling import agreement_tolerance
 from bench.errors import BenchError
 
 
@@ -24,8 +25,9 @@ def test_model_by_name_and_float64():
 def test_sample_i_gets_the_same_x_T_whatever_n_or_batch(gmm2d):
     small = bench.sample(gmm2d, "euler", nfe=5, n=3, seed=7)
     large = bench.sample(gmm2d, "euler", nfe=5, n=50, seed=7, batch_size=8)
-    assert torch.equal(large.x_T[:3], small.x_T)
-    assert torch.allclose(large.x[:3], small.x, atol=1e-6)
+    assert torch.equal(large.x_T[:3], small.x_T)  # bit for bit: a pure function of (seed, sample index)
+    # the samples only to rounding: the denoiser's batched arithmetic rounds differently in another batch
+    torch.testing.assert_close(large.x[:3], small.x, rtol=0, atol=agreement_tolerance(torch.float32, gmm2d.sigma_max))
     other_seed = bench.sample(gmm2d, "euler", nfe=5, n=3, seed=8)
     assert not torch.equal(other_seed.x_T, small.x_T)
 

@@ -117,15 +117,19 @@ def test_missing_file():
         load_suite("nowhere.toml")
 
 
-def test_labels_auto_is_balanced_for_conditional_models(tmp_path):
+def test_labels_default_to_unconditional_and_balanced_is_asked_for(tmp_path):
     suite = load_suite(write_suite(tmp_path))
-    assert {cell.labels for cell in suite.cells} == {"balanced"}  # gmm2d has 8 classes
-    unconditional = load_suite(write_suite(tmp_path, 'labels = "none"\n' + TINY_SUITE))
-    assert {cell.labels for cell in unconditional.cells} == {"none"}
+    assert {cell.labels for cell in suite.cells} == {"none"}  # gmm2d has 8 classes, but the default is none
+    balanced = load_suite(write_suite(tmp_path, 'labels = "balanced"\n' + TINY_SUITE))
+    assert {cell.labels for cell in balanced.cells} == {"balanced"}
+    with pytest.raises(BenchError, match="unknown labels choice 'auto'"):
+        load_suite(write_suite(tmp_path, 'labels = "auto"\n' + TINY_SUITE))
+    with pytest.raises(BenchError, match='guidance needs labels: set labels = "balanced"'):
+        load_suite(write_suite(tmp_path, 'guidance = [1.0]\n' + TINY_SUITE))
 
 
 def test_guidance_axis_and_type(tmp_path):
-    text = 'guidance = [0.0, 2.0]\nguidance_type = "classifier"\n' + TINY_SUITE
+    text = 'guidance = [0.0, 2.0]\nguidance_type = "classifier"\nlabels = "balanced"\n' + TINY_SUITE
     suite = load_suite(write_suite(tmp_path, text))
     assert sorted({cell.guidance for cell in suite.cells}) == [0.0, 2.0]
     assert {cell.guidance_type for cell in suite.cells} == {"classifier"}
