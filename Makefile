@@ -38,15 +38,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
-# On any machine: the micro-benchmarks (results/benchmarks.json), the figures of bench/overhead.py,
-# bench/efficiency.py, bench/metrics_at_scale.py and bench/ray_scaling.py (results/bench-figures.txt), the slow tests.
+# On any machine: the micro-benchmarks (results/benchmarks.json), the figures of bench/tools/overhead.py,
+# bench/tools/efficiency.py, bench/tools/metrics_at_scale.py and bench/tools/ray_scaling.py (results/bench-figures.txt), the slow tests.
 bench: $(STAMP)
 	mkdir -p results
 	$(BIN)/pytest -q --benchmark-only --benchmark-json=results/benchmarks.json tests/benchmarks
-	( $(BIN)/python -m bench.overhead --device cpu && \
-	  $(BIN)/python -m bench.efficiency --device cpu && \
-	  $(BIN)/python -m bench.metrics_at_scale --device cpu --n 10000 && \
-	  $(BIN)/python -m bench.ray_scaling ) 2>&1 | tee results/bench-figures.txt
+	( $(BIN)/python -m bench.tools.overhead --device cpu && \
+	  $(BIN)/python -m bench.tools.efficiency --device cpu && \
+	  $(BIN)/python -m bench.tools.metrics_at_scale --device cpu --n 10000 && \
+	  $(BIN)/python -m bench.tools.ray_scaling ) 2>&1 | tee results/bench-figures.txt
 	$(BIN)/pytest -q -m slow
 
 # On a CUDA machine, one command for every GPU figure (results/gpu-figures.txt): the GPU tests, overhead with and
@@ -56,9 +56,9 @@ gpu: $(STAMP)
 	mkdir -p results
 	$(BIN)/pytest -q -m gpu tests/test_gpu.py
 	( nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && \
-	  $(BIN)/python -m bench.overhead --device cuda --batch 64 1024 && \
-	  $(BIN)/python -m bench.efficiency --device cuda --full-n 50000 && \
-	  $(BIN)/python -m bench.metrics_at_scale --device cuda --n 50000 ) 2>&1 | tee results/gpu-figures.txt
+	  $(BIN)/python -m bench.tools.overhead --device cuda --batch 64 1024 && \
+	  $(BIN)/python -m bench.tools.efficiency --device cuda --full-n 50000 && \
+	  $(BIN)/python -m bench.tools.metrics_at_scale --device cuda --n 50000 ) 2>&1 | tee results/gpu-figures.txt
 	$(BIN)/pytest -q --benchmark-only --benchmark-json=results/benchmarks-cuda.json tests/benchmarks
 	$(BIN)/samplerbench run bench/suites/gpu.toml --device cuda --report reports/gpu.html
 

@@ -8,16 +8,18 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib.metadata
 
-from bench.denoiser import CountingDenoiser, Denoiser
-from bench.diffusers_adapter import from_diffusers
+__version__ = importlib.metadata.version("samplerbench")
+
+from bench.core.denoiser import CountingDenoiser, Denoiser
+from bench.adapters.diffusers import from_diffusers
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
-from bench.metrics import Metric
+from bench.measure.metrics import Metric
 from bench.registry import manager
-from bench.sampling import SampleOutput, load_model, sample
-from bench.solver import Plan, Solver
+from bench.core.sampling import SampleOutput, load_model, sample
+from bench.core.solver import Plan, Solver
 
 
 def list_solvers() -> list[str]:

@@ -20,9 +20,9 @@ def default_suite() -> Path:
 
 def command_run(args: argparse.Namespace) -> int:
     from bench.report import write_report
-    from bench.runner import run_suite
-    from bench.store import read_grids, read_results
-    from bench.suite import load_suite
+    from bench.sweep.runner import run_suite
+    from bench.sweep.store import read_grids, read_results
+    from bench.sweep.suite import load_suite
 
     suite = load_suite(args.suite or default_suite(), device=args.device)
     summary = run_suite(suite, args.out, progress=not args.quiet, executor=args.executor, shards=args.shards,
@@ -53,7 +53,7 @@ def command_list(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     from bench.report import write_report
-    from bench.store import read_grids, read_results
+    from bench.sweep.store import read_grids, read_results
 
     results = Path(args.results)
     out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.html"
@@ -76,7 +76,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def _provenance(store: Path, suite_path: str | None = None) -> dict[str, str]:
-    from bench.runner import git_sha
+    from bench.sweep.provenance import git_sha
 
     provenance = {"results": str(store), "generated": datetime.datetime.now().isoformat(timespec="seconds"),
                   "report code": git_sha() or "unknown"}

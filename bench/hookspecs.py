@@ -38,4 +38,4 @@ def register_models(register):
 
 @hookspec
 def register_metrics(register):
-    """Register metrics: ``register(metric, name=..., aliases=())``; see bench.metrics.Metric."""
+    """Register metrics: ``register(metric, name=..., aliases=())``; see bench.measure.metrics.Metric."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.guidance import NO_LABEL
+from bench.core.guidance import NO_LABEL
 from bench.hookspecs import hookimpl
 
 
@@ -137,7 +137,7 @@ class GaussianMixture(nn.Module):
 
     def class_log_posterior(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
         """log p(class = labels | x; sigma), the exact noisy-class posterior: the responsibilities of the class's
-        components, summed. Its gradient is what classifier guidance adds (bench.guidance.ClassifierGuidance)."""
+        components, summed. Its gradient is what classifier guidance adds (bench.core.guidance.ClassifierGuidance)."""
         params = self._parameters_as(x.dtype, x.device)
         log_joint, *_ = self._components(x.reshape(x.shape[0], -1), sigma, None, params)
         in_class = params.component_class == labels.to(params.component_class.device)[:, None]

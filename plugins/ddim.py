@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.core.solver import Denoise, Noise, Plan, Solver
 
 
 class DDIM(Solver):

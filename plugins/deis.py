@@ -45,8 +45,8 @@ import numpy as np
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import History, linear_combination, step_pairs, warmup_orders
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.core.multistep import History, linear_combination, step_pairs, warmup_orders
+from bench.core.solver import Denoise, Noise, Plan, Solver
 from plugins.schedules import BETA_MAX, BETA_MIN
 
 METHODS = ("tab", "rhoab", "logrho")

@@ -6,7 +6,7 @@ The folder holds unet/ and scheduler/ (as ``unet.save_pretrained(DIR / "unet")``
 ``scheduler.save_pretrained(DIR / "scheduler")`` write them; a diffusers pipeline folder has this layout), or
 config.json and scheduler_config.json side by side. Weights load from safetensors, from disk only: never a
 download. diffusers itself is imported only when a model is loaded, so this plugin registers without it; loading
-then says how to install it. See bench/diffusers_adapter.py for the conversion.
+then says how to install it. See bench/adapters/diffusers.py for the conversion.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.diffusers_adapter import DiffusersDenoiser, load_diffusers
+from bench.adapters.diffusers import DiffusersDenoiser, load_diffusers
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
 

@@ -61,12 +61,12 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from bench.checkpoints import load_verified, manifest_entry, pretrained_dir, read_manifest, record_evaluation, \
+from bench.adapters.checkpoints import load_verified, manifest_entry, pretrained_dir, read_manifest, record_evaluation, \
     save_checkpoint, tensor_sha256
 from bench.errors import BenchError
-from bench.guidance import NO_LABEL
+from bench.core.guidance import NO_LABEL
 from bench.hookspecs import hookimpl
-from bench.metrics import REFERENCE_DATA_SEED, Metric, MetricContext
+from bench.measure.metrics import REFERENCE_DATA_SEED, Metric, MetricContext
 
 MODEL_NAME = "digits"
 CLASSIFIER_NAME = "digits-classifier"  # the checkpoint of the feature network

@@ -12,7 +12,7 @@ h = lambda_t - lambda_s, sigma_t (e^h - 1) = sigma_s - sigma_t, so DPM-Solver-1 
 Options:
 - ``order`` 1 | 2 | 3 (default 3) and ``method``:
   - "singlestep" (default): DPM-Solver-fast (section 3.4): singlestep DPM-Solver-3 steps spending the NFE budget
-    exactly, with lower orders at the end (bench.multistep.singlestep_orders). Each step of order k evaluates eps
+    exactly, with lower orders at the end (bench.core.multistep.singlestep_orders). Each step of order k evaluates eps
     at k - 1 intermediate points: ``intermediates="lambda"`` (default) puts them at r1 = 1/2 (order 2) or
     r1 = 1/3, r2 = 2/3 (order 3) of the step in lambda, the paper's recommended values, on a grid of one sigma
     per step; ``intermediates="grid"`` takes them from a grid of one sigma per call, as the original code does
@@ -50,9 +50,9 @@ from torch import Tensor
 
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
-from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, SinglestepOrMultistep, singlestep_intervals,
+from bench.core.multistep import (INTERMEDIATES, History, SinglestepInterval, SinglestepOrMultistep, singlestep_intervals,
                              step_pairs)
-from bench.solver import Denoise, Noise, Plan
+from bench.core.solver import Denoise, Noise, Plan
 
 METHODS = ("singlestep", "multistep", "adaptive")
 ADAPTIVE_DEFAULTS = {"rtol": 0.05, "atol": 0.0078}  # the original code's: atol = 1/128 of data in [-1, 1]

@@ -26,7 +26,7 @@ Options:
   64..1024 steps on both analytic models, falling towards 2, against 2.85-3.19 with w = 1). The default keeps
   theirs, so that results compare with theirs and with published numbers.
 - ``method="singlestep"``: DPM-Solver++(2S) (Algorithm 1) and its third-order version from the original code,
-  allocated as DPM-Solver-fast (bench.multistep.singlestep_orders; the budget is spent exactly), with
+  allocated as DPM-Solver-fast (bench.core.multistep.singlestep_orders; the budget is spent exactly), with
   intermediate points at r1 = 1/2, or r1 = 1/3 and r2 = 2/3 in lambda (``intermediates="lambda"``) or at the
   grid points of a grid with one sigma per call (``intermediates="grid"``, as diffusers' singlestep scheduler).
 - ``sde=True`` (multistep, order 1 or 2): SDE-DPM-Solver++(2M), the exponential integrator of the reverse SDE (Lu
@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import (INTERMEDIATES, History, SinglestepInterval, SinglestepOrMultistep, linear_combination,
+from bench.core.multistep import (INTERMEDIATES, History, SinglestepInterval, SinglestepOrMultistep, linear_combination,
                              singlestep_intervals, step_pairs)
-from bench.solver import Denoise, Noise, Plan
+from bench.core.solver import Denoise, Noise, Plan
 
 METHODS = ("singlestep", "multistep")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -163,7 +163,7 @@ class DPMSolverPlusPlus(SinglestepOrMultistep):
         r_k = h_k / h the previous steps relative to this one.
 
         The update is linear in x and the stored D's: the derivation below runs on scalars (the weight of each
-        divided difference, then of each D), and the tensors are combined once (bench.multistep.linear_combination).
+        divided difference, then of each D), and the tensors are combined once (bench.core.multistep.linear_combination).
         """
         history = History(3)  # (lambda, denoised) of the last steps, newest last
         for (_, sigma, sigma_next), order in zip(step_pairs(sigmas), orders):

@@ -1,5 +1,5 @@
 """The built-in metrics: trajectory error against the reference ODE solution; FID, KID, precision and recall in
-the model's feature space (torch-fidelity's values: bench/distances.py computes FID and precision/recall on the
+the model's feature space (torch-fidelity's values: bench/measure/distances.py computes FID and precision/recall on the
 device and is checked against torch-fidelity's functions; KID is torch-fidelity's own function); and, for models
 that know their true moments, the exact Frechet distance to the data distribution."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
-from bench.distances import Statistics, feature_statistics, frechet_distance, precision_recall
+from bench.measure.distances import Statistics, feature_statistics, frechet_distance, precision_recall
 from bench.hookspecs import hookimpl
-from bench.metrics import Metric, MetricContext
+from bench.measure.metrics import Metric, MetricContext
 
 NEIGHBORHOOD = 3  # Kynkaanniemi et al. 2019
 

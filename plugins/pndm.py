@@ -58,8 +58,8 @@ import torch
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import History, linear_combination, step_pairs
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.core.multistep import History, linear_combination, step_pairs
+from bench.core.solver import Denoise, Noise, Plan, Solver
 from plugins.schedules import vp_sigma, vp_time
 
 METHODS = ("f-pndm", "s-pndm", "plms")

@@ -17,7 +17,7 @@ import torchdiffeq
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.solver import AdaptiveSolver, Denoise, Noise, Plan
+from bench.core.solver import AdaptiveSolver, Denoise, Noise, Plan
 
 
 class RK45(AdaptiveSolver):

@@ -12,7 +12,7 @@ import math
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.core.solver import Denoise, Noise, Plan, Solver
 from plugins.heun import heun_step
 
 

@@ -39,8 +39,8 @@ import numpy as np
 from torch import Tensor
 
 from bench.hookspecs import hookimpl
-from bench.multistep import History, linear_combination, step_pairs, warmup_orders
-from bench.solver import Denoise, Noise, Plan, Solver
+from bench.core.multistep import History, linear_combination, step_pairs, warmup_orders
+from bench.core.solver import Denoise, Noise, Plan, Solver
 
 VARIANTS = ("bh1", "bh2")
 

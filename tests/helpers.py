@@ -8,7 +8,7 @@ import torch
 
 from bench import hookimpl
 from bench.registry import PluginManager
-from bench.solver import Solver
+from bench.core.solver import Solver
 
 TINY_SUITE = """
 name = "tiny"
@@ -69,7 +69,7 @@ def plugins_with_test_solvers() -> PluginManager:
 def assert_same_samples(first, second, model) -> None:
     """Two draws of the same samples (other batch sizes, devices or executors) agree to the stated tolerance; their
     initial states, a pure function of seed and sample index, agree bit for bit."""
-    from bench.sampling import agreement_tolerance
+    from bench.core.sampling import agreement_tolerance
 
     assert torch.equal(first.x_T, second.x_T)
     torch.testing.assert_close(first.x, second.x, rtol=0, atol=agreement_tolerance(first.x.dtype, model.sigma_max))

@@ -5,11 +5,11 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 import bench
-from bench.convergence import reference_for
+from bench.tools.convergence import reference_for
 from bench.errors import BenchError
-from bench.runner import run_suite
-from bench.store import read_results
-from bench.suite import load_suite
+from bench.sweep.runner import run_suite
+from bench.sweep.store import read_results
+from bench.sweep.suite import load_suite
 from helpers import assert_same_samples, write_suite
 from plugins.metrics import _true_moments
 

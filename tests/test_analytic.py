@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
-import bench.denoiser
+import bench.core.denoiser
 import plugins.analytic
 from bench.registry import PluginManager
 from plugins.analytic import GaussianMixture, load_gmm2d, load_gmm_image
@@ -277,7 +277,7 @@ def test_loads_through_the_plugin_manager(name, shape, num_classes):
     registration = pm.get("model", name)
     assert registration.plugin == "analytic"
     model = registration.obj(device="cpu")
-    assert isinstance(model, bench.denoiser.Denoiser)
+    assert isinstance(model, bench.core.denoiser.Denoiser)
     assert (model.name, model.shape, model.num_classes) == (name, shape, num_classes)
     assert (model.sigma_min, model.sigma_max) == (0.002, 80.0)
     assert isinstance(model.sigma_data, float) and 0.3 < model.sigma_data < 1.5
@@ -289,7 +289,7 @@ def test_loads_through_the_plugin_manager(name, shape, num_classes):
 
 def test_counting_denoiser_drives_it(gmm2d):
     labels = torch.tensor([0, 1, 2])
-    denoise = bench.denoiser.CountingDenoiser(gmm2d, labels)
+    denoise = bench.core.denoiser.CountingDenoiser(gmm2d, labels)
     x = torch.zeros(3, 2)
     torch.testing.assert_close(denoise(x, 0.5), gmm2d(x, torch.full((3,), 0.5), labels))
     assert denoise.nfe == 1

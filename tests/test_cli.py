@@ -19,12 +19,12 @@ def test_run_writes_store_and_report(tmp_path, capsys):
 
 
 def test_failed_cells_make_run_exit_non_zero(tmp_path, monkeypatch):
-    import bench.runner
+    import bench.sweep.runner
 
     def broken(*args, **kwargs):
         raise RuntimeError("no luck")
 
-    monkeypatch.setattr(bench.runner, "run_cell", broken)
+    monkeypatch.setattr(bench.sweep.runner, "run_cell", broken)
     suite = write_suite(tmp_path)
     assert main(["run", str(suite), "--out", str(tmp_path), "--report", str(tmp_path / "r.html"), "--quiet"]) == 1
 

@@ -1,5 +1,5 @@
 """Parity with diffusers: our euler / heun / ddim on a diffusers UNet against diffusers' own schedulers, and the
-adapter that makes a diffusers model a Denoiser (bench/diffusers_adapter.py).
+adapter that makes a diffusers model a Denoiser (bench/adapters/diffusers.py).
 
 Every parity test samples the same tiny random UNet (tests/peers.py) from the same x_T on the same timesteps and
 asserts a relative deviation <= 1e-4 in float32 (measured: 1e-7 to 3e-7, 1.6e-6 with "sample" prediction: float32
@@ -25,9 +25,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
                        UniPCMultistepScheduler)
 
 import bench  # noqa: E402
-from bench.diffusers_adapter import DiffusersDenoiser, load_diffusers  # noqa: E402
+from bench.adapters.diffusers import DiffusersDenoiser, load_diffusers  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
-from bench.sampling import make_sigmas  # noqa: E402
+from bench.core.sampling import make_sigmas  # noqa: E402
 from peers import (TINY_NUM_CLASSES, CountingUNet, relative_deviation, run_diffusers, tiny_scheduler_config,  # noqa: E402
                    tiny_unet)
 from plugins.discrete import discrete_timesteps  # noqa: E402

@@ -10,9 +10,9 @@ import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import bench
-from bench.checkpoints import load_verified, read_manifest, record_evaluation, save_checkpoint, sha256_hex
-from bench.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
-from bench.reference import ReferenceCache
+from bench.adapters.checkpoints import load_verified, read_manifest, record_evaluation, save_checkpoint, sha256_hex
+from bench.measure.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
+from bench.measure.reference import ReferenceCache
 from bench.registry import manager
 from plugins import digits
 from plugins.digits import (CLASSIFIER_NAME, FEATURE_EXTRACTOR_NAME, MODEL_NAME, RECIPE, DigitsFeatureExtractor,

@@ -1,4 +1,4 @@
-"""bench.distances gives torch-fidelity's FID and precision/recall (its own functions are the peer)."""
+"""bench.measure.distances gives torch-fidelity's FID and precision/recall (its own functions are the peer)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_part
 
-from bench.distances import feature_statistics, frechet_distance, kth_neighbour_radii, precision_recall
+from bench.measure.distances import feature_statistics, frechet_distance, kth_neighbour_radii, precision_recall
 
 
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ asserts a relative deviation <= 1e-4 in float32 (measured: 1.9e-7 to 4.8e-7, flo
 coefficients in float32, we in float64). diffusers is configured as DESIGN.md's common endpoint asks:
 final_sigmas_type="zero", lower_order_final=True, euler_at_final=False. What cannot match is pinned and explained:
 
-- lower_order_final: diffusers lowers the second-to-last step only below 15 steps; bench.multistep.warmup_orders
+- lower_order_final: diffusers lowers the second-to-last step only below 15 steps; bench.core.multistep.warmup_orders
   lowers it whenever asked. At >= 15 steps the tests set our lower_order_final=False, which is diffusers' order
   list there (last step first order, all others full order). (With True the one step of a lower order near
   sigma_min changes little on this UNet: 7e-7 at 20 steps, below float32 rounding; not a test.)
@@ -35,11 +35,11 @@ pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler  # noqa: E402
 
 import bench  # noqa: E402
-from bench.denoiser import CountingDenoiser  # noqa: E402
-from bench.multistep import singlestep_intervals, warmup_orders  # noqa: E402
-from bench.noise import NoiseStream, gaussian  # noqa: E402
-from bench.sampling import get_solver, make_sigmas  # noqa: E402
-from bench.solver import Plan  # noqa: E402
+from bench.core.denoiser import CountingDenoiser  # noqa: E402
+from bench.core.multistep import singlestep_intervals, warmup_orders  # noqa: E402
+from bench.core.noise import NoiseStream, gaussian  # noqa: E402
+from bench.core.sampling import get_solver, make_sigmas  # noqa: E402
+from bench.core.solver import Plan  # noqa: E402
 from peers import CountingUNet, relative_deviation, run_diffusers, tiny_scheduler_config  # noqa: E402
 from plugins.dpm_solver import dpm_solver_1, dpm_solver_2, noise_prediction  # noqa: E402
 from plugins.dpm_solver_pp import dpm_solver_pp_1, dpm_solver_pp_2s  # noqa: E402

@@ -2,7 +2,7 @@
 variants, and the options.
 
 Order. The slope of log(trajectory error) against log(steps), fitted over 64, 128, 256 and 512 steps in float64
-against a reference solved to 1e-10 (bench.reference), as tests/test_solvers.py does; the errors stay between 1e-3
+against a reference solved to 1e-10 (bench.measure.reference), as tests/test_solvers.py does; the errors stay between 1e-3
 and 1e-8, well above the reference's accuracy (third-order methods reach 3e-8 at 512 steps). Steps are steps of the
 grid, and a singlestep step of order k spends k calls (with ``intermediates="grid"`` the grid has one point per
 call, so K steps are 3K - 2 grid intervals there). gmm2d runs on both schedules; gmm-image on karras, and on logsnr
@@ -31,11 +31,11 @@ import pytest
 import torch
 
 import bench
-from bench.convergence import fitted_order, reference_for, trajectory_errors
+from bench.tools.convergence import fitted_order, reference_for, trajectory_errors
 from bench.errors import BenchError
-from bench.multistep import singlestep_intervals, singlestep_orders
-from bench.sampling import get_solver
-from bench.suite import load_suite
+from bench.core.multistep import singlestep_intervals, singlestep_orders
+from bench.core.sampling import get_solver
+from bench.sweep.suite import load_suite
 from helpers import assert_same_samples, write_suite
 
 STEPS = [64, 128, 256, 512]
@@ -119,7 +119,7 @@ def test_empirical_order_gmm_image_logsnr(references, solver, options, expected)
 def test_fast_allocation_keeps_order_three_at_every_budget(references, fewer_calls):
     # trajectory_errors spends 3K - 2 calls on K steps ([3, ..., 3, 1]); 3K - 3 and 3K - 4 calls end with [.., 2, 1]
     # and [.., 3, 1, 1]. The first has an O(h^3) local error and keeps order 3; the second's first-order step to
-    # sigma_min formally costs an order, but its constant is small there (bench.multistep.singlestep_orders)
+    # sigma_min formally costs an order, but its constant is small there (bench.core.multistep.singlestep_orders)
     model, reference = references["gmm2d"]
     steps = [64, 128, 256, 512]
     errors = []

@@ -5,11 +5,11 @@ import torch
 
 import bench
 from bench.errors import BenchError
-from bench.features import INCEPTION_WEIGHTS_ENV, feature_space_for, inception
-from bench.guidance import ClassifierFreeGuidance, ClassifierGuidance
-from bench.runner import run_suite
-from bench.store import read_results
-from bench.suite import load_suite
+from bench.measure.features import INCEPTION_WEIGHTS_ENV, feature_space_for, inception
+from bench.core.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from bench.sweep.runner import run_suite
+from bench.sweep.store import read_results
+from bench.sweep.suite import load_suite
 from helpers import TINY_SUITE, write_suite
 
 
@@ -72,7 +72,7 @@ def test_a_weights_file_with_code_in_it_is_refused(tmp_path):
 
 
 def test_classifier_guidance_is_classifier_free_guidance_one_scale_up(gmm_image):
-    # sigma^2 grad log p(c | x) = D(x | c) - D(x) for the exact posterior (bench/guidance.py)
+    # sigma^2 grad log p(c | x) = D(x | c) - D(x) for the exact posterior (bench/core/guidance.py)
     x = torch.randn(6, 3, 16, 16, dtype=torch.float64) * 0.7
     sigma, labels = torch.full((6,), 0.9, dtype=torch.float64), torch.arange(6)
     with torch.inference_mode():

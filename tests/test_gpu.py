@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import bench
-from bench.efficiency import cifar_sized_model, full_cell
-from bench.overhead import TWINS, ours_loop
+from bench.tools.efficiency import cifar_sized_model, full_cell
+from bench.tools.overhead import TWINS, ours_loop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

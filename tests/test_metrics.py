@@ -6,8 +6,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_prc import calculate_precision_recall_part
 
 import bench
-from bench.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
-from bench.reference import ReferenceCache
+from bench.measure.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
+from bench.measure.reference import ReferenceCache
 from bench.registry import manager
 from plugins.metrics import _true_moments
 

@@ -38,7 +38,7 @@ from diffusers import (DDPMScheduler, DEISMultistepScheduler, IPNDMScheduler, PN
                        UniPCMultistepScheduler)
 
 import bench  # noqa: E402
-from bench.sampling import get_solver, make_sigmas  # noqa: E402
+from bench.core.sampling import get_solver, make_sigmas  # noqa: E402
 from peers import CountingUNet, relative_deviation, run_diffusers, tiny_scheduler_config  # noqa: E402
 from plugins.discrete import discrete_timesteps  # noqa: E402
 

@@ -1,7 +1,7 @@
 """UniPC, DEIS, PNDM and iPNDM: empirical order of convergence against the exact flow, NFE, and their algebra.
 
 Order. The slope of log(trajectory error) against log(steps), fitted over 64, 128, 256 and 512 steps in float64
-against a reference solved to 1e-10 (bench.reference), as tests/test_solvers.py does; errors stay between 1e-3 and
+against a reference solved to 1e-10 (bench.measure.reference), as tests/test_solvers.py does; errors stay between 1e-3 and
 1e-8, well above the reference's accuracy. Below 64 steps the higher-order methods are visibly pre-asymptotic here
 (DEIS-3 fits 2.5 over 16..128; first-order steps on gmm-image send a sample to another mode at 32 steps).
 gmm2d runs on both schedules; gmm-image on karras by default and on logsnr, where the asymptotic regime starts
@@ -28,11 +28,11 @@ import pytest
 import torch
 
 import bench
-from bench.convergence import fitted_order, reference_for, trajectory_errors
-from bench.denoiser import CountingDenoiser
+from bench.tools.convergence import fitted_order, reference_for, trajectory_errors
+from bench.core.denoiser import CountingDenoiser
 from bench.errors import BenchError
-from bench.sampling import get_solver, make_sigmas
-from bench.solver import Plan
+from bench.core.sampling import get_solver, make_sigmas
+from bench.core.solver import Plan
 from plugins.deis import METHODS as DEIS_METHODS
 from plugins.deis import TIME_VARIABLES, deis_coefficients
 from plugins.pndm import METHODS as PNDM_METHODS

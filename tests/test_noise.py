@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
-from bench.noise import NoiseStream, gaussian
+from bench.core.noise import NoiseStream, gaussian
 
 
 def test_same_sample_same_noise_whatever_the_batch():

@@ -6,10 +6,10 @@ import torch
 pytest.importorskip("ray")
 
 from bench.errors import BenchError
-from bench.executors import shard_bounds
-from bench.runner import run_suite
-from bench.store import read_results
-from bench.suite import load_suite
+from bench.sweep.executors import shard_bounds
+from bench.sweep.runner import run_suite
+from bench.sweep.store import read_results
+from bench.sweep.suite import load_suite
 from helpers import write_suite
 
 SUITE = """

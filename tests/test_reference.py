@@ -5,7 +5,7 @@ import math
 import torch
 
 import bench
-from bench.reference import ReferenceCache, solve_reference
+from bench.measure.reference import ReferenceCache, solve_reference
 
 
 def rk4_in_log_sigma(model, x, steps):
@@ -43,7 +43,7 @@ def test_reference_is_cached_in_memory_and_on_disk(gmm2d, tmp_path, monkeypatch)
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("bench.reference.solve_reference", counting)
+    monkeypatch.setattr("bench.measure.reference.solve_reference", counting)
     first = ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T, None)
     again = ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T, None)  # a new process: from disk
     assert len(calls) == 1 and torch.equal(first, again)

@@ -9,7 +9,7 @@ import bench
 from bench import hookimpl
 from bench.errors import BenchError
 from bench.registry import PluginManager
-from bench.solver import Solver
+from bench.core.solver import Solver
 
 BUILTIN_MODULES = ["plugins.analytic", "plugins.schedules", "plugins.euler", "plugins.heun", "plugins.ddim",
                    "plugins.metrics"]

@@ -14,6 +14,7 @@ import plotly.offline
 import pytest
 
 from bench import report
+import bench.report.page
 from bench.report import best_per_budget, pareto_front, write_report
 
 EVIL_LABEL = "<script>alert(1)</script>"
@@ -210,7 +211,7 @@ def test_crash_leaves_no_partial_report(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", fail)
+    monkeypatch.setattr(report.page.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_report(_results().iloc[:3], out, title="t")
     assert out.read_text() == "old report"

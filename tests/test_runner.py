@@ -3,9 +3,9 @@
 import json
 import pytest
 
-from bench.runner import run_suite
-from bench.store import read_results
-from bench.suite import load_suite
+from bench.sweep.runner import run_suite
+from bench.sweep.store import read_results
+from bench.sweep.suite import load_suite
 from helpers import TINY_SUITE, Exploding, plugins_with_test_solvers, write_suite
 
 
@@ -41,9 +41,9 @@ def test_a_second_run_skips_done_cells(tmp_path):
 def test_resume_after_interruption_completes_the_rest(tmp_path, monkeypatch):
     plugins = plugins_with_test_solvers()
     suite = load_suite(write_suite(tmp_path), plugins=plugins)
-    import bench.runner
+    import bench.sweep.runner
 
-    real = bench.runner.run_cell
+    real = bench.sweep.runner.run_cell
     calls = []
 
     def interrupt_on_fifth(cell, *args, **kwargs):
@@ -52,12 +52,12 @@ def test_resume_after_interruption_completes_the_rest(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(cell, *args, **kwargs)
 
-    monkeypatch.setattr(bench.runner, "run_cell", interrupt_on_fifth)
+    monkeypatch.setattr(bench.sweep.runner, "run_cell", interrupt_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, tmp_path, plugins=plugins, progress=False)
     assert len(read_results(tmp_path / "tiny.sqlite")) == 4
     calls.clear()
-    monkeypatch.setattr(bench.runner, "run_cell", real)
+    monkeypatch.setattr(bench.sweep.runner, "run_cell", real)
     summary = run_suite(suite, tmp_path, plugins=plugins, progress=False)
     assert (summary.done, summary.skipped) == (4, 4)
     frame = read_results(tmp_path / "tiny.sqlite")
@@ -87,7 +87,7 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_image_models_store_a_sample_grid_per_cell_and_the_report_shows_them(tmp_path):
     from bench.cli import main
-    from bench.store import read_grids
+    from bench.sweep.store import read_grids
 
     text = TINY_SUITE.replace('name = "gmm2d"', 'name = "gmm-image"').replace("seeds = [0, 1]", "seeds = [0]")
     text = 'guidance = [0.0, 2.0]\nlabels = "balanced"\n' + text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bench
-from bench.sampling import agreement_tolerance
+from bench.core.sampling import agreement_tolerance
 from bench.errors import BenchError
 
 
@@ -55,7 +55,7 @@ def test_guidance_counts_two_model_evaluations_per_call(gmm2d):
 
 
 def test_classifier_free_guidance_formula(gmm2d):
-    from bench.guidance import ClassifierFreeGuidance
+    from bench.core.guidance import ClassifierFreeGuidance
 
     x, sigma, labels = torch.randn(6, 2, dtype=torch.float64), torch.full((6,), 0.7, dtype=torch.float64), torch.arange(6)
     conditional, unconditional = gmm2d(x, sigma, labels), gmm2d(x, sigma)

@@ -4,7 +4,7 @@ everything it adds, and the metrics-at-scale comparison computes torch-fidelity'
 import pytest
 import torch
 
-from bench import efficiency, metrics_at_scale
+from bench.tools import efficiency, metrics_at_scale
 
 
 def test_the_cifar_sized_unet_is_ddpm_cifar10s():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.sampling import make_sigmas
+from bench.core.sampling import make_sigmas
 from plugins.schedules import vp_sigma, vp_time
 
 SCHEDULES = ["karras", "logsnr", "time-uniform", "time-quadratic"]

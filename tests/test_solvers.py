@@ -1,7 +1,7 @@
 """Solvers: their empirical order of convergence against the exact flow, and the NFE they spend.
 
 The order is the slope of log(trajectory error) against log(steps), fitted over four step counts doubling from
-32 (gmm2d) or 64 (gmm-image) in float64 against a reference solved to 1e-10 (bench.reference). On gmm-image a
+32 (gmm2d) or 64 (gmm-image) in float64 against a reference solved to 1e-10 (bench.measure.reference). On gmm-image a
 32-step Euler run still sends one sample of 32 to another mode (per-sample error 0.5 against 0.004 for the rest):
 that is the pre-asymptotic regime, not the order, so the fit starts at 64 there. Tolerance: +-0.1 around the nominal order for first order solvers
 and -0.1/+0.25 for Heun. At these step sizes the next term of the error expansion, O(h^(p+1)), is a few percent of
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import bench
-from bench.convergence import fitted_order, reference_for, trajectory_errors
-from bench.sampling import get_solver
+from bench.tools.convergence import fitted_order, reference_for, trajectory_errors
+from bench.core.sampling import get_solver
 from helpers import assert_same_samples
 
 CASES = {  # model -> (samples, step counts); gmm-image is 768-dimensional: fewer samples make the same statistic

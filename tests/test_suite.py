@@ -3,7 +3,7 @@
 import pytest
 
 from bench.errors import BenchError
-from bench.suite import load_suite
+from bench.sweep.suite import load_suite
 from helpers import TINY_SUITE, write_suite
 
 
@@ -66,7 +66,7 @@ def test_bad_input_names_the_file_and_the_problem(tmp_path, edit, message):
 
 def test_budget_below_a_solvers_minimum(tmp_path):
     from bench.registry import PluginManager
-    from bench.solver import Solver
+    from bench.core.solver import Solver
     from bench import hookimpl
     import types
 

@@ -16,10 +16,10 @@ from bench import hookimpl
 from bench.errors import BenchError
 from bench.registry import PluginManager
 from bench.report import write_report
-from bench.runner import run_suite
-from bench.solver import Solver
-from bench.store import read_results
-from bench.suite import load_suite
+from bench.sweep.runner import run_suite
+from bench.core.solver import Solver
+from bench.sweep.store import read_results
+from bench.sweep.suite import load_suite
 from helpers import write_suite
 
 ONE_SOLVER_SUITE = """
@@ -200,7 +200,7 @@ def test_bench_sample_and_suites_share_one_conditioning_default(tmp_path):
     row = read_results(summary.store).iloc[0]
     direct = bench.sample("gmm2d", "euler", nfe=4, n=16, seed=0)
     assert direct.labels is None and row["labels"] == "none"
-    reference = bench.reference.solve_reference(bench.load_model("gmm2d"), direct.x_T.double(), None,
+    reference = bench.measure.reference.solve_reference(bench.load_model("gmm2d"), direct.x_T.double(), None,
                                                 tolerance=1e-8)
     error = (direct.x.double() - reference).pow(2).mean().sqrt().item()
     assert error == pytest.approx(row["trajectory_error"], rel=1e-6)

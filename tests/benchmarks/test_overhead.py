@@ -1,4 +1,4 @@
-"""Per-call overhead of every solver against its diffusers twin, with a trivial denoiser (bench/overhead.py).
+"""Per-call overhead of every solver against its diffusers twin, with a trivial denoiser (bench/tools/overhead.py).
 
 Skipped by the default test run (--benchmark-skip); `make bench` runs them and writes results/benchmarks.json.
 Each benchmark's extra_info holds NFE and the solver's own microseconds per call (loop time per call minus the
@@ -8,7 +8,7 @@ bare model call), which is the figure to compare between ours and the twin of th
 import pytest
 import torch
 
-from bench.overhead import TWINS, diffusers_loop, model_seconds_per_call, ours_loop
+from bench.tools.overhead import TWINS, diffusers_loop, model_seconds_per_call, ours_loop
 
 pytest.importorskip("diffusers")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-import bench
 from bench.errors import BenchError, unknown_name
-from bench.features import FeatureSpace, feature_space_for
-from bench.metrics import MetricContext, SharedCache, model_id
-from bench.reference import ReferenceCache
+from bench.measure.features import FeatureSpace, feature_space_for
+from bench.measure.metrics import MetricContext, SharedCache, model_id
+from bench.measure.reference import ReferenceCache
 from bench.registry import PluginManager, manager
-from bench.sampling import SampleOutput, load_model, sample
-from bench.store import Store
-from bench.suite import Cell, Suite
+from bench.core.sampling import SampleOutput, load_model, sample
+from bench.sweep.provenance import environment
+from bench.sweep.store import Store
+from bench.sweep.cell import Cell, draw
+from bench.sweep.suite import Suite
 
 
 EXECUTORS = ("local", "ray")
@@ -39,40 +40,6 @@ class RunSummary:
     done: int
     failed: int
     skipped: int
-
-
-def environment(device: str) -> dict[str, Any]:
-    """Where a row was measured: enough to tell two machines or two code versions apart."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device_name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        device_name = platform.processor() or platform.machine()
-    return {
-        "device": device, "device_name": device_name, "torch": torch.__version__, "python": sys.version.split()[0],
-        "platform": platform.platform(), "samplerbench": bench.__version__, "git_sha": git_sha(),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def git_sha() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None
-
-
-def sample_shard(cell: Cell, model, plugins: PluginManager, start: int = 0, stop: int | None = None) -> SampleOutput:
-    """Samples start .. stop - 1 of a cell (all of them by default): a shard draws exactly the samples the whole
-    cell would, by per-sample seeding."""
-    stop = cell.n if stop is None else stop
-    return sample(model, cell.solver.name, nfe=cell.nfe, n=stop - start, offset=start, seed=cell.seed,
-                  schedule=cell.schedule.name, schedule_options=cell.schedule.kwargs, dtype=cell.dtype,
-                  guidance=cell.guidance, guidance_type=cell.guidance_type, labels=cell.labels,
-                  batch_size=cell.batch_size,
-                  device=cell.device, precision=cell.precision, cuda_graph=cell.cuda_graph, plugins=plugins,
-                  **cell.solver_options)
 
 
 def measure(cell: Cell, model, shards: list[SampleOutput], references: ReferenceCache, shared: SharedCache,
@@ -107,7 +74,7 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
 def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache, plugins: PluginManager,
              feature_space: FeatureSpace | None = None) -> dict[str, Any]:
     """Sample and measure one cell in this process; the row's measured part. Raises on failure."""
-    return measure(cell, model, [sample_shard(cell, model, plugins)], references, shared, plugins, feature_space)
+    return measure(cell, model, [draw(cell, model, plugins)], references, shared, plugins, feature_space)
 
 
 def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
@@ -117,7 +84,7 @@ def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from bench.features import to_uint8
+    from bench.measure.features import to_uint8
 
     images = to_uint8(x[:count].cpu())
     grid = make_grid(images, nrow=int(len(images) ** 0.5 + 0.999), padding=1, pad_value=255)
@@ -150,7 +117,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
     A cell is done when the store holds a done row under its key, which covers its config and the code that computes
     it: edited code is recomputed. ``rerun`` globs (see ``matches``) recompute the cells they name anyway.
 
-    ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.executors); the
+    ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.sweep.executors); the
     samples, and so the rows, are the local executor's, since every sample's noise depends on its index alone.
     ``ray_workers`` sizes a local Ray instance (tasks at once); ``ray_address`` names an existing cluster instead.
     """
@@ -193,7 +160,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                                                    feature_spaces[cell.model])
 
     def ray_outcomes(cells: list[Cell]):
-        from bench.executors import ray_shards
+        from bench.sweep.executors import ray_shards
 
         for cell, shard_outputs in ray_shards(cells, shards, address=ray_address, workers=ray_workers):
             def produce(cell=cell, shard_outputs=shard_outputs):

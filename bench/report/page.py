@@ -397,7 +397,7 @@ def _provenance_table(provenance: Mapping[str, str]) -> str:
 
 
 def _code_table(frame: pd.DataFrame) -> str:
-    """Every plugin that computed a row, with its distribution, version and source hash (bench.provenance)."""
+    """Every plugin that computed a row, with its distribution, version and source hash (bench.sweep.provenance)."""
     if "code" not in frame.columns:
         return ""
     rows = set()

@@ -8,7 +8,7 @@ subtracting it gave negative figures); on CUDA, where clocking a call would need
 bare call, timed alone. On CUDA, ours can also replay its loop as a CUDA graph. Both loops include their per-run
 set-up (diffusers' set_timesteps, our solvers' coefficients); the sigma grid itself is made before ours.
 
-    python -m bench.overhead --device cuda --batch 64 1024        # the table, one line per solver pair
+    python -m bench.tools.overhead --device cuda --batch 64 1024        # the table, one line per solver pair
 
 On CUDA the table also gives the memory floor of a step: a solver's update must at least read the state and the
 denoiser's output and write the new state, three tensors of the batch, and no kernel moves bytes faster than the
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.denoiser import CountingDenoiser
-from bench.noise import NoiseStream
-from bench.sampling import get_solver
+from bench.core.denoiser import CountingDenoiser
+from bench.core.noise import NoiseStream
+from bench.core.sampling import get_solver
 
 SHAPE = (3, 32, 32)
 STEPS = 10
@@ -130,7 +130,7 @@ def model_seconds_per_call(batch: int, device: torch.device, repeats: int = 20) 
 
 def ours_loop(twin: Twin, batch: int, device: torch.device, cuda_graph: bool = False) -> Loop:
     """Our solver's loop over STEPS steps from a fixed x (coefficients computed inside, as for a run)."""
-    from bench.sampling import make_sigmas
+    from bench.core.sampling import make_sigmas
 
     solver = get_solver(twin.solver, **twin.options)
     plan = solver.plan(solver.nfe_for_steps(STEPS))

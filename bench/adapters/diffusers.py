@@ -21,7 +21,7 @@ that sqrt(a) = c and sqrt(1 - a) = sigma c):
     "sample":        x0 = the output
 
     model = bench.from_diffusers(unet, scheduler)                      # in memory
-    model = bench.diffusers_adapter.load_diffusers("path/to/folder")   # saved with save_pretrained; no download
+    model = bench.adapters.diffusers.load_diffusers("path/to/folder")   # saved with save_pretrained; no download
     model = bench.load_model("diffusers", path="path/to/folder")       # the same, as a model plugin
 
 diffusers is an optional dependency (``pip install samplerbench[diffusers]``): it is imported only here, and only

@@ -8,8 +8,8 @@ first model loads, which fall in the sweep. Metrics are computed by the driver
 as shards come back; trajectory error is left out because its reference ODE solution is too (one dopri5 solve
 per cell, which no number of workers shortens).
 
-    python -m bench.ray_scaling                      # 1 and 2 workers
-    python -m bench.ray_scaling --workers 1 2 4 8    # on a bigger machine
+    python -m bench.tools.ray_scaling                      # 1 and 2 workers
+    python -m bench.tools.ray_scaling --workers 1 2 4 8    # on a bigger machine
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bench.runner import run_suite
-from bench.store import read_results
-from bench.suite import load_suite
+from bench.sweep.runner import run_suite
+from bench.sweep.store import read_results
+from bench.sweep.suite import load_suite
 
 SUITE = """
 name = "scaling"

@@ -6,8 +6,8 @@ random mixing A, with the "generated" set slightly shifted so that precision and
 every distance block to the CPU, as it does inside calculate_metrics). Values are compared to the last digit:
 precision and recall may differ only where a distance ties a k-NN radius to rounding.
 
-    python -m bench.metrics_at_scale --device cuda --n 50000           # the H200 figures
-    python -m bench.metrics_at_scale --device cpu --n 10000            # on the CPU (torch-fidelity: minutes at 50k)
+    python -m bench.tools.metrics_at_scale --device cuda --n 50000           # the H200 figures
+    python -m bench.tools.metrics_at_scale --device cpu --n 10000            # on the CPU (torch-fidelity: minutes at 50k)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.distances import feature_statistics, frechet_distance, precision_recall
+from bench.measure.distances import feature_statistics, frechet_distance, precision_recall
 
 
 def inception_like_features(n: int, d: int, seed: int, shift: float, scale: float, device: torch.device) -> Tensor:

@@ -1,7 +1,7 @@
 """The Ray executor: a cell's samples drawn as Ray tasks over disjoint sample ranges, measured by the driver.
 
 Each task loads the model once per worker process and draws samples start .. stop - 1 of its cell; per-sample
-seeding (bench.noise) makes the union of the shards exactly the cell a single process would draw. The driver
+seeding (bench.core.noise) makes the union of the shards exactly the cell a single process would draw. The driver
 gathers a cell's shards in sample order, computes its metrics and writes its row, so many tasks finishing at once
 never race on the store.
 
@@ -13,20 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bench.sampling import SampleOutput
-from bench.suite import Cell
+from bench.core.sampling import SampleOutput
+from bench.sweep.cell import Cell, draw
 
 _worker_models: dict = {}  # per worker process: loaded once, reused by every task it runs
 
 
 def _sample_shard_task(cell: Cell, start: int, stop: int) -> SampleOutput:
-    from bench.runner import sample_shard
-    from bench.sampling import load_model
+    from bench.core.sampling import load_model
 
     key = (cell.model, cell.device)
     if key not in _worker_models:
         _worker_models[key] = load_model(cell.model.name, device=cell.device, **cell.model.kwargs)
-    out = sample_shard(cell, _worker_models[key], None, start, stop)
+    out = draw(cell, _worker_models[key], None, start, stop)
     out.x, out.x_T = out.x.cpu(), out.x_T.cpu()  # results travel through Ray's object store
     return out
 
@@ -44,7 +43,7 @@ def ray_shards(cells: list[Cell], shards: int, address: str | None = None, worke
 
     ``workers``: the CPUs of a local Ray instance started here, and so how many tasks run at once (each task asks
     for one CPU, and Ray gives its workers one thread each); default: every core. Not for an existing cluster,
-    whose size is its own (bench.runner.run_suite checks that before anything runs).
+    whose size is its own (bench.sweep.runner.run_suite checks that before anything runs).
     """
     import ray
 

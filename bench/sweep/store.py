@@ -1,5 +1,5 @@
 """The results store: one SQLite file per suite, one row per cell, keyed by the hash of the cell's config and of
-the code that computed it (bench.provenance).
+the code that computed it (bench.sweep.provenance).
 
 Each row is written in one transaction, so an interrupted sweep leaves only whole rows; a resumed sweep skips the
 done cells and retries the failed ones. A row written for a config replaces any row of the same config computed by

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import inspect
 import json
+import platform
+import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import bench
-from bench.noise import GENERATOR
+import torch
+
+from bench.core.noise import GENERATOR
 from bench.registry import PluginManager
 
 # The modules of the harness that decide the samples of every cell, whatever the plugins.
-HARNESS_MODULES = ("bench.sampling", "bench.noise", "bench.denoiser", "bench.guidance", "bench.solver")
+HARNESS_MODULES = ("bench.core.sampling", "bench.core.noise", "bench.core.denoiser", "bench.core.guidance", "bench.core.solver")
 
 
 def _module_file_bytes(module: ModuleType) -> bytes:
@@ -78,7 +83,30 @@ def harness_identity() -> dict[str, Any]:
     digest = hashlib.sha256()
     for name in HARNESS_MODULES:
         digest.update(name.encode() + b"\0" + _module_file_bytes(importlib.import_module(name)) + b"\0")
-    return {"samplerbench": bench.__version__, "noise": GENERATOR, "sha256": digest.hexdigest()}
+    return {"samplerbench": importlib.metadata.version("samplerbench"), "noise": GENERATOR,
+            "sha256": digest.hexdigest()}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where a row was measured: enough to tell two machines or two code versions apart."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "device": device, "device_name": device_name, "torch": torch.__version__, "python": sys.version.split()[0],
+        "platform": platform.platform(), "samplerbench": importlib.metadata.version("samplerbench"), "git_sha": git_sha(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
 
 
 def canonical_json(value: Any) -> str:

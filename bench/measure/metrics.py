@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from bench.errors import BenchError
-from bench.features import FeatureSpace, feature_space_for
-from bench.reference import ReferenceCache
+from bench.measure.features import FeatureSpace, feature_space_for
+from bench.measure.reference import ReferenceCache
 
 REFERENCE_DATA_SEED = 2**31 - 1  # the real-data draw for FID and precision/recall, distinct from any sample seed
 
@@ -44,7 +44,7 @@ class MetricContext:
     stochastic: bool
     references: ReferenceCache
     shared: "SharedCache"
-    feature_space: FeatureSpace | None = None  # None: the model's own (bench.features.feature_space_for)
+    feature_space: FeatureSpace | None = None  # None: the model's own (bench.measure.features.feature_space_for)
     _memo: dict[str, Any] = field(default_factory=dict)
 
     def space(self) -> FeatureSpace:

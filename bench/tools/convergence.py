@@ -1,9 +1,9 @@
 """Empirical order of convergence: the slope of log(trajectory error) against log(steps).
 
-    python -m bench.convergence heun --model gmm2d --schedule karras --steps 32 64 128 256
+    python -m bench.tools.convergence heun --model gmm2d --schedule karras --steps 32 64 128 256
 
 runs the solver in float64 at each step count from the same x_T and fits the slope against the exact flow's
-endpoint (bench.reference). A solver of order p shows a slope near p once the steps are small enough.
+endpoint (bench.measure.reference). A solver of order p shows a slope near p once the steps are small enough.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.reference import solve_reference
-from bench.sampling import get_solver, load_model, sample
+from bench.measure.reference import solve_reference
+from bench.core.sampling import get_solver, load_model, sample
 
 
 def trajectory_errors(model, reference: Tensor, solver: str, step_counts: Sequence[int], schedule: str = "karras",

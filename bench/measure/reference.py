@@ -17,7 +17,7 @@ import torch
 import torchdiffeq
 from torch import Tensor
 
-from bench.denoiser import CountingDenoiser
+from bench.core.denoiser import CountingDenoiser
 
 REFERENCE_TOLERANCE = 1e-10
 # samples drawn in float32 cannot resolve trajectory errors below ~1e-6: a 1e-8 reference is exact for them at a

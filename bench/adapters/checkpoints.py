@@ -16,6 +16,7 @@ sha256 taken over those very bytes, and the tensors parsed from them, so what is
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import tempfile
@@ -26,7 +27,6 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor
 
-import bench
 from bench.errors import BenchError
 
 ENVIRONMENT_VARIABLE = "SAMPLERBENCH_PRETRAINED"
@@ -34,11 +34,12 @@ MANIFEST_NAME = "manifest.json"
 
 
 def pretrained_dir() -> Path:
-    """Where shipped checkpoints live: $SAMPLERBENCH_PRETRAINED, else the repository's ``pretrained/``."""
+    """Where shipped checkpoints live: $SAMPLERBENCH_PRETRAINED, else the installed ``pretrained`` package's
+    data (its files ship with the distribution as package data)."""
     configured = os.environ.get(ENVIRONMENT_VARIABLE)
     if configured:
         return Path(configured)
-    return Path(bench.__file__).resolve().parents[1] / "pretrained"
+    return Path(str(importlib.resources.files("pretrained")))
 
 
 def sha256_hex(data: bytes) -> str:

@@ -41,93 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.core.guidance import GUIDANCE_KINDS
+from bench.core.sampling import LABEL_CHOICES, PRECISIONS, load_model, make_sigmas
+from bench.core.solver import build_solver
 from bench.errors import BenchError, unknown_name
-from bench.guidance import GUIDANCE_KINDS
-from bench.provenance import canonical_json, component_identity, digest_of, harness_identity
 from bench.registry import PluginManager, manager
-from bench.sampling import LABEL_CHOICES, PRECISIONS, load_model, make_sigmas
-from bench.solver import build_solver
+from bench.sweep.cell import Cell, Component
+from bench.sweep.provenance import canonical_json, component_identity, harness_identity
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
               "guidance", "guidance_type", "labels", "models", "solvers", "feature_extractor_weights_path",
               "precision", "cuda_graph"}
 SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class Component:
-    """A registered plugin thing with its options, e.g. the solver ddim with eta=0.5."""
-
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
-    label: str = ""
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.options)
-
-    def describe(self) -> str:
-        if self.label:
-            return self.label
-        inner = ", ".join(f"{key}={value}" for key, value in self.options)
-        return f"{self.name}({inner})" if inner else self.name
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "options": dict(self.options)}
-
-
-@dataclass(frozen=True)
-class Cell:
-    suite: str
-    model: Component
-    solver: Component
-    schedule: Component
-    nfe: int | None  # None for an adaptive solver, which has a tolerance instead
-    guidance: float | None
-    seed: int
-    n: int
-    dtype: str
-    device: str
-    labels: str  # "none" (unconditional) or "balanced"
-    metrics: tuple[str, ...]
-    batch_size: int | None = None
-    tolerance: float | None = None  # rtol = atol of an adaptive solver
-    guidance_type: str = "classifier-free"
-    precision: str = "fp32"
-    cuda_graph: bool = False
-    code: str = "{}"  # canonical JSON: each plugin that takes part (distribution, version, source hash), the harness
-
-    @property
-    def solver_options(self) -> dict[str, Any]:
-        if self.tolerance is None:
-            return self.solver.kwargs
-        return {**self.solver.kwargs, "rtol": self.tolerance, "atol": self.tolerance}
-
-    def config(self) -> dict[str, Any]:
-        """Everything that determines the cell's row; its hash is the row's key."""
-        return {
-            "model": self.model.config(), "solver": self.solver.config(), "schedule": self.schedule.config(),
-            "nfe": self.nfe, "guidance": self.guidance, "seed": self.seed, "n": self.n, "dtype": self.dtype,
-            "device": self.device, "labels": self.labels, "metrics": sorted(self.metrics),
-            "batch_size": self.batch_size, "tolerance": self.tolerance,
-            "guidance_type": self.guidance_type if self.guidance else None, "precision": self.precision,
-            "cuda_graph": self.cuda_graph,
-        }
-
-    @property
-    def config_key(self) -> str:
-        """The config alone: the rows of one config measured by different code supersede each other."""
-        return digest_of(self.config())
-
-    @property
-    def key(self) -> str:
-        """The row's key: the config and the identity of the code that computes it (bench.provenance)."""
-        return digest_of({"config": self.config(), "code": json.loads(self.code)})
-
-    def describe(self) -> str:
-        budget = f"nfe={self.nfe}" if self.tolerance is None else f"tol={self.tolerance:g}"
-        return f"{self.model.describe()} {self.solver.describe()} {self.schedule.describe()} {budget} seed={self.seed}"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from bench.solver import Plan, Solver
+from bench.core.solver import Plan, Solver
 
 
 def half_log_snr(sigmas: Tensor) -> Tensor:

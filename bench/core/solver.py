@@ -11,8 +11,8 @@ from torch import Tensor
 
 from bench.errors import BenchError
 
-Denoise = Callable[[Tensor, float], Tensor]  # bench.denoiser.CountingDenoiser: x, sigma -> x0
-Noise = Callable[[int], Tensor]  # bench.noise.NoiseStream: step -> fresh N(0, I) shaped like x
+Denoise = Callable[[Tensor, float], Tensor]  # bench.core.denoiser.CountingDenoiser: x, sigma -> x0
+Noise = Callable[[int], Tensor]  # bench.core.noise.NoiseStream: step -> fresh N(0, I) shaped like x
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.denoiser import CountingDenoiser, Denoiser
+from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.errors import BenchError, unknown_name
-from bench.guidance import GUIDANCE_KINDS
-from bench.noise import NoiseStream, gaussian
+from bench.core.guidance import GUIDANCE_KINDS
+from bench.core.noise import NoiseStream, gaussian
 from bench.registry import PluginManager, manager
-from bench.solver import Plan, Solver, build_solver
-from bench.timing import Stopwatch
+from bench.core.solver import Plan, Solver, build_solver
+from bench.core.timing import Stopwatch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Conditioning, the same default for bench.sample and suites: "none" samples unconditionally (the model's own
@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 def agreement_tolerance(dtype: torch.dtype, sigma_max: float) -> float:
     """How far the same samples may lie apart when drawn in other batches, on another device or by another executor.
 
-    x_T and the per-step noise are bit for bit the same (bench.noise); the samples are not, because the
+    x_T and the per-step noise are bit for bit the same (bench.core.noise); the samples are not, because the
     denoiser's batched arithmetic (matrix-product blocking, reduction order) rounds differently for another batch
     size or device, and the solver carries that rounding along its steps. 64 machine epsilons of the largest scale
     a trajectory passes through (sigma_max) bound it with a wide margin: the worst seen, a stochastic solver in
@@ -132,7 +132,7 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
 
     An adaptive solver (rk45) takes no budget: its options rtol/atol set its accuracy and its NFE is counted.
     ``guidance`` is the scale w of ``guidance_type`` ("classifier-free", or "classifier" for models that know
-    their noisy-class posterior); see bench.guidance for the conventions.
+    their noisy-class posterior); see bench.core.guidance for the conventions.
 
     Sample i of seed s starts from the same x_T (and, for stochastic solvers, sees the same per-step noise)
     whatever n, batch_size or device: noise is a function of (seed, i) alone. ``offset`` makes this call draw

@@ -7,8 +7,8 @@ directly, ``unet(x, t).sample``, in the same precision, at the same batch, NFE t
 sigma -> timestep conversion and preconditioning of the adapter, the solver's arithmetic, noise and batching.
 Both run in one process, alternately, and each figure is the median of its repeats.
 
-    python -m bench.efficiency --device cuda                        # fp32, tf32, bf16 at batch 512, NFE 20
-    python -m bench.efficiency --device cpu --batch 8 --nfe 4       # the same on a small batch, on the CPU
+    python -m bench.tools.efficiency --device cuda                        # fp32, tf32, bf16 at batch 512, NFE 20
+    python -m bench.tools.efficiency --device cpu --batch 8 --nfe 4       # the same on a small batch, on the CPU
 
 ``--full-n 50000`` also draws one whole 50,000-sample cell per precision with the batch chosen automatically (all
 n, halved until it fits), and reports the batch it chose, its throughput and the peak device memory.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.sampling import PRECISIONS, numerics, sample
+from bench.core.sampling import PRECISIONS, numerics, sample
 
 # google/ddpm-cifar10-32's UNet (Ho et al. 2020's CIFAR-10 network as diffusers configures it)
 DDPM_CIFAR10_UNET = dict(
@@ -40,7 +40,7 @@ def cifar_sized_model(device: str | torch.device, seed: int = 0):
     """The DDPM-CIFAR10-sized UNet with seeded random weights, wrapped as a Denoiser (linear betas, epsilon)."""
     import diffusers
 
-    from bench.diffusers_adapter import from_diffusers
+    from bench.adapters.diffusers import from_diffusers
 
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(**DDPM_CIFAR10_UNET)

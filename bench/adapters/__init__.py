@@ -1,0 +1,1 @@
+"""Models from elsewhere into the denoiser contract: diffusers networks, and verified checkpoints."""
