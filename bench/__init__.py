@@ -4,6 +4,9 @@
     model = bench.load_model("gmm2d", device="cpu")
     out = bench.sample(model, "heun", nfe=35, n=512, seed=0, schedule="karras")
     out.x, out.x_T, out.nfe, out.seconds
+
+docs/architecture.md maps the package: bench/core (contracts, noise, sampling), bench/sweep (suites, runner, store),
+bench/measure (metrics), bench/report, bench/adapters, bench/tools.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import importlib.metadata
 
 __version__ = importlib.metadata.version("samplerbench")
 
-from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.adapters.diffusers import from_diffusers
+from bench.core.denoiser import CountingDenoiser, Denoiser
+from bench.core.sampling import SampleOutput, load_model, sample
+from bench.core.solver import Plan, Solver
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
 from bench.measure.metrics import Metric
 from bench.registry import manager
-from bench.core.sampling import SampleOutput, load_model, sample
-from bench.core.solver import Plan, Solver
+from bench.sweep.store import read_results
 
 
 def list_solvers() -> list[str]:
@@ -40,5 +44,6 @@ def list_metrics() -> list[str]:
 
 __all__ = [
     "BenchError", "CountingDenoiser", "Denoiser", "Metric", "Plan", "SampleOutput", "Solver", "hookimpl",
-    "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers", "load_model", "sample",
+    "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers", "load_model", "read_results",
+    "sample",
 ]

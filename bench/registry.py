@@ -55,6 +55,8 @@ class PluginManager:
         self._sources: dict[str, str] = {}
         self._distributions: dict[str, tuple[str | None, str | None]] = {}  # plugin -> (distribution, version)
         self.failed: dict[str, str] = {}  # entry-point name -> the error it raised on import
+        self._runtime: dict[str, Any] = {}  # plugins registered at run time, by name
+        self._removed: set[str] = set()  # entry-point plugins unregistered at run time
         self._lock = threading.Lock()
         self._registries: dict[str, dict[str, Registration]] | None = None
         self._plugins: dict[str, PluginInfo] = {}
@@ -63,7 +65,7 @@ class PluginManager:
 
     def load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if self._pm.get_plugin(ep.name) is not None or ep.name in self.failed:
+            if self._pm.get_plugin(ep.name) is not None or ep.name in self.failed or ep.name in self._removed:
                 continue
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
             self._distributions[ep.name] = (ep.dist.name, ep.dist.version) if ep.dist is not None else (None, None)
@@ -83,13 +85,31 @@ class PluginManager:
         if name is None:
             raise BenchError(f"plugin {plugin!r} is already registered")
         self._sources[name] = f"registered at run time ({getattr(plugin, '__name__', type(plugin).__name__)})"
+        self._runtime[name] = plugin
         self._registries = None
         return name
 
     def unregister(self, name: str) -> None:
         self._pm.unregister(name=name)
         self._sources.pop(name, None)
+        if self._runtime.pop(name, None) is None:
+            self._removed.add(name)
         self._registries = None
+
+    def spec(self) -> tuple[tuple[tuple[str, Any], ...], frozenset[str]]:
+        """What makes this plugin set beyond the installed entry points: the plugins registered at run time and the
+        entry-point plugins removed. Another process (a Ray worker) rebuilds the same set with ``from_spec``."""
+        return tuple(self._runtime.items()), frozenset(self._removed)
+
+    @classmethod
+    def from_spec(cls, spec: tuple[tuple[tuple[str, Any], ...], frozenset[str]]) -> "PluginManager":
+        runtime, removed = spec
+        plugins = cls(load_entry_points=False)
+        plugins._removed = set(removed)
+        plugins.load_entry_points()
+        for name, plugin in runtime:
+            plugins.register(plugin, name=name)
+        return plugins
 
     def _build(self) -> dict[str, dict[str, Registration]]:
         with self._lock:

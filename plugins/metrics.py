@@ -73,11 +73,16 @@ def _true_moments(model, labels: torch.Tensor | None) -> tuple[torch.Tensor, tor
 
 @hookimpl
 def register_metrics(register):
-    register(Metric(trajectory_error, "lower", "RMSE to the reference ODE solution from the same x_T"),
-             name="trajectory_error")
-    register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space"),
-             name="fid")
-    register(Metric(kid, "lower", "Kernel distance to as many real samples (torch-fidelity's KID)"), name="kid")
-    register(Metric(precision, "higher", f"Kynkaanniemi et al. precision, k={NEIGHBORHOOD}"), name="precision")
-    register(Metric(recall, "higher", f"Kynkaanniemi et al. recall, k={NEIGHBORHOOD}"), name="recall")
-    register(Metric(frechet_exact, "lower", "Frechet distance to the true data moments"), name="frechet_exact")
+    register(Metric(trajectory_error, "lower", "RMSE to the reference ODE solution from the same x_T",
+                    title="trajectory error", log_scale=True), name="trajectory_error")
+    register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space",
+                    title="FID", log_scale=True), name="fid")
+    # KID's unbiased estimate can be <= 0: a linear axis
+    register(Metric(kid, "lower", "Kernel distance to as many real samples (torch-fidelity's KID)", title="KID"),
+             name="kid")
+    register(Metric(precision, "higher", f"Kynkaanniemi et al. precision, k={NEIGHBORHOOD}", title="precision",
+                    axis="fidelity"), name="precision")
+    register(Metric(recall, "higher", f"Kynkaanniemi et al. recall, k={NEIGHBORHOOD}", title="recall",
+                    axis="diversity"), name="recall")
+    register(Metric(frechet_exact, "lower", "Frechet distance to the true data moments",
+                    title="exact Fréchet distance", log_scale=True), name="frechet_exact")

@@ -24,7 +24,7 @@ def test_failed_cells_make_run_exit_non_zero(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no luck")
 
-    monkeypatch.setattr(bench.sweep.runner, "run_cell", broken)
+    monkeypatch.setattr(bench.sweep.runner, "measure", broken)
     suite = write_suite(tmp_path)
     assert main(["run", str(suite), "--out", str(tmp_path), "--report", str(tmp_path / "r.html"), "--quiet"]) == 1
 

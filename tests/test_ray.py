@@ -5,7 +5,11 @@ import torch
 
 pytest.importorskip("ray")
 
+import types
+
+from bench import Solver, hookimpl
 from bench.errors import BenchError
+from bench.registry import PluginManager
 from bench.sweep.executors import shard_bounds
 from bench.sweep.runner import run_suite
 from bench.sweep.store import read_results
@@ -37,14 +41,36 @@ def test_shard_bounds_cover_every_sample_once():
         assert all(a < b and b == c for (a, b), (c, _) in zip(bounds, bounds[1:]))
 
 
+def driver_plugins() -> PluginManager:
+    """The installed plugins plus a solver registered at run time, which only the driver process knows."""
+    module = types.ModuleType("driver_only_solvers")
+
+    class HalfEuler(Solver):
+        def __init__(self) -> None:
+            pass
+
+        def sample(self, denoise, x, sigmas, plan, noise=None):
+            values = sigmas.tolist()
+            for sigma, sigma_next in zip(values[:-1], values[1:]):
+                denoised = denoise(x, sigma)
+                x = denoised if sigma_next == 0 else torch.lerp(denoised, x, sigma_next / sigma)
+            return x
+
+    module.register_solvers = hookimpl(lambda register: register(HalfEuler, name="driver-only-euler"))
+    plugins = PluginManager()
+    plugins.register(module, name="driver-only")
+    return plugins
+
+
 def test_ray_rows_equal_local_rows(tmp_path):
     import ray
 
-    suite = load_suite(write_suite(tmp_path, SUITE))
-    run_suite(suite, tmp_path / "local", progress=False)
+    plugins = driver_plugins()
+    suite = load_suite(write_suite(tmp_path, SUITE + '[[solvers]]\nname = "driver-only-euler"\n'), plugins=plugins)
+    run_suite(suite, tmp_path / "local", plugins=plugins, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = run_suite(suite, tmp_path / "ray", progress=False, executor="ray", shards=3)
+    try:  # the workers run the driver's plugin set, including the solver registered at run time
+        summary = run_suite(suite, tmp_path / "ray", plugins=plugins, progress=False, executor="ray", shards=3)
     finally:
         ray.shutdown()
     assert (summary.done, summary.failed) == (len(suite.cells), 0)

@@ -60,7 +60,17 @@ def _results() -> pd.DataFrame:
     rows.append(failed)
     frame = pd.DataFrame(rows)
     frame.loc[frame["model"] == "gmm2d", "my_score"] = math.nan
+    frame.attrs["metrics"] = METRIC_INFO  # as bench.read_results gives it, from each metric's registration
     return frame
+
+
+METRIC_INFO = {
+    "fid": {"title": "FID", "better": "lower", "log_scale": True, "axis": "quality"},
+    "trajectory_error": {"title": "trajectory error", "better": "lower", "log_scale": True, "axis": "quality"},
+    "frechet_exact": {"title": "exact Fréchet distance", "better": "lower", "log_scale": True, "axis": "quality"},
+    "precision": {"title": "precision", "better": "higher", "log_scale": False, "axis": "fidelity"},
+    "recall": {"title": "recall", "better": "higher", "log_scale": False, "axis": "diversity"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -221,5 +231,27 @@ def test_crash_leaves_no_partial_report(tmp_path, monkeypatch):
 def test_several_schedules_get_one_line_each(tmp_path):
     rows = [_cell("m", "euler", b, 0, trajectory_error=1.0 / b) for b in BUDGETS]
     rows += [{**r, "schedule": "logsnr", "key": r["key"] + "/logsnr"} for r in rows]
-    text = write_report(pd.DataFrame(rows), tmp_path / "r.html", title="t").read_text(encoding="utf-8")
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = METRIC_INFO
+    text = write_report(frame, tmp_path / "r.html", title="t").read_text(encoding="utf-8")
     assert _trace_names(text) == {"euler · karras", "euler · logsnr", "Pareto front"}
+
+
+def test_the_best_per_budget_follows_the_metrics_own_direction():
+    # a higher-is-better quality metric (say, class accuracy) ranks the highest mean first
+    cells = pd.DataFrame([_cell("m", "a", 5, 0, accuracy=0.9), _cell("m", "b", 5, 0, accuracy=0.7)])
+    cells.attrs["metrics"] = {"accuracy": {"title": "accuracy", "better": "higher", "axis": "quality"}}
+    assert best_per_budget(cells, "accuracy")["label"].tolist() == ["a"]
+    cells.attrs["metrics"] = {"accuracy": {"title": "accuracy", "better": "lower", "axis": "quality"}}
+    assert best_per_budget(cells, "accuracy")["label"].tolist() == ["b"]
+
+
+def test_titles_and_scales_come_from_the_metrics_metadata(tmp_path):
+    rows = [_cell("m", "euler", b, 0, sharpness=float(b)) for b in BUDGETS]
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = {"sharpness": {"title": "Edge <b>sharpness</b>", "better": "higher", "log_scale": True,
+                                            "axis": "quality"}}
+    text = write_report(frame, tmp_path / "r.html", title="t").read_text(encoding="utf-8")
+    assert "Edge &lt;b&gt;sharpness&lt;\\u002fb&gt; vs counted NFE" in text and "fig-0-pareto" in text
+    assert "\\u003cb\\u003esharpness" not in text  # axis titles are escaped like every other plotly text
+    assert "higher is better" in text

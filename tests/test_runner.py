@@ -43,7 +43,7 @@ def test_resume_after_interruption_completes_the_rest(tmp_path, monkeypatch):
     suite = load_suite(write_suite(tmp_path), plugins=plugins)
     import bench.sweep.runner
 
-    real = bench.sweep.runner.run_cell
+    real = bench.sweep.runner.measure
     calls = []
 
     def interrupt_on_fifth(cell, *args, **kwargs):
@@ -52,12 +52,12 @@ def test_resume_after_interruption_completes_the_rest(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(cell, *args, **kwargs)
 
-    monkeypatch.setattr(bench.sweep.runner, "run_cell", interrupt_on_fifth)
+    monkeypatch.setattr(bench.sweep.runner, "measure", interrupt_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, tmp_path, plugins=plugins, progress=False)
     assert len(read_results(tmp_path / "tiny.sqlite")) == 4
     calls.clear()
-    monkeypatch.setattr(bench.sweep.runner, "run_cell", real)
+    monkeypatch.setattr(bench.sweep.runner, "measure", real)
     summary = run_suite(suite, tmp_path, plugins=plugins, progress=False)
     assert (summary.done, summary.skipped) == (4, 4)
     frame = read_results(tmp_path / "tiny.sqlite")

@@ -3,6 +3,7 @@
 import pytest
 
 from bench.errors import BenchError
+from bench.sweep.runner import run_suite
 from bench.sweep.suite import load_suite
 from helpers import TINY_SUITE, write_suite
 
@@ -102,8 +103,11 @@ def test_guidance_on_an_unconditional_model_in_a_suite(tmp_path):
     plugins = PluginManager()
     plugins.register(module, name="plain")
     text = 'guidance = [1.0]\nlabels = "balanced"\n' + TINY_SUITE.replace('name = "gmm2d"', 'name = "plain"')
-    with pytest.raises(BenchError, match=r"guidance = \[1.0\] given, but model 'plain' is unconditional"):
-        load_suite(write_suite(tmp_path, text), plugins=plugins)
+    suite = load_suite(write_suite(tmp_path, text), plugins=plugins)  # parsing loads no model
+    # the runner loads it and refuses the suite before anything is written
+    with pytest.raises(BenchError, match=r"tiny.toml: guidance is given, but model 'plain' is unconditional"):
+        run_suite(suite, tmp_path / "out", plugins=plugins, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_malformed_toml_names_file_and_line(tmp_path):

@@ -26,11 +26,35 @@ from bench.measure.reference import ReferenceCache
 REFERENCE_DATA_SEED = 2**31 - 1  # the real-data draw for FID and precision/recall, distinct from any sample seed
 
 
+AXES = ("quality", "fidelity", "diversity", "other")
+
+
 @dataclass(frozen=True)
 class Metric:
+    """A metric and everything a report needs to draw it, declared once by the plugin that registers it.
+
+    ``axis`` places it on the trilemma: "quality" (how close samples are to the truth: FID, trajectory error),
+    "fidelity" (precision: how many samples look real) and "diversity" (recall: how much of the data is covered);
+    the report draws quality against wall-clock, and precision against recall.
+    """
+
     compute: Callable[["MetricContext"], float | None]
     better: str = "lower"  # or "higher"
     description: str = ""
+    title: str = ""  # how figures and tables name it; default: the registered name
+    log_scale: bool = False  # spans decades (errors, distances): drawn on a log axis
+    axis: str = "quality"
+
+    def __post_init__(self) -> None:
+        if self.better not in ("lower", "higher"):
+            raise ValueError(f"Metric.better must be 'lower' or 'higher'; got {self.better!r}")
+        if self.axis not in AXES:
+            raise ValueError(f"Metric.axis must be one of {', '.join(AXES)}; got {self.axis!r}")
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The metadata the store keeps beside the rows (bench.sweep.store)."""
+        return {"name": name, "title": self.title or name.replace("_", " "), "better": self.better,
+                "log_scale": self.log_scale, "axis": self.axis, "description": self.description}
 
 
 @dataclass

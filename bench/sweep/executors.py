@@ -1,9 +1,12 @@
-"""The Ray executor: a cell's samples drawn as Ray tasks over disjoint sample ranges, measured by the driver.
+"""Executors: where a cell's samples are drawn. Each yields every cell with its samples (one shard, or several in
+sample order) or the error that stopped it, as cells finish; the runner measures them and writes the rows, so
+many workers finishing at once never race on the store.
 
-Each task loads the model once per worker process and draws samples start .. stop - 1 of its cell; per-sample
-seeding (bench.core.noise) makes the union of the shards exactly the cell a single process would draw. The driver
-gathers a cell's shards in sample order, computes its metrics and writes its row, so many tasks finishing at once
-never race on the store.
+- ``local_draws``: in this process, one cell after another, with the models the runner loaded.
+- ``ray_draws``: each cell as Ray tasks over disjoint sample ranges. Per-sample seeding (bench.core.noise) makes
+  the union of the shards exactly the cell one process would draw. A worker loads each model once and rebuilds
+  the driver's plugin set (plugins registered at run time travel with the task), so it runs the very solvers the
+  driver validated.
 
     samplerbench run suite.toml --executor ray                         # a local Ray instance on this machine
     RAY_ADDRESS=ray://head-node:10001 samplerbench run suite.toml --executor ray   # an existing cluster
@@ -11,21 +14,39 @@ never race on the store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from bench.core.sampling import SampleOutput
-from bench.sweep.cell import Cell, draw
+from bench.core.sampling import SampleOutput, load_model
+from bench.registry import PluginManager
+from bench.sweep.cell import Cell, Component, draw
 
-_worker_models: dict = {}  # per worker process: loaded once, reused by every task it runs
+Draws = Iterator[tuple[Cell, list[SampleOutput] | BaseException]]
 
 
-def _sample_shard_task(cell: Cell, start: int, stop: int) -> SampleOutput:
-    from bench.core.sampling import load_model
+def local_draws(cells: list[Cell], models: Mapping[tuple[Component, str], Any], plugins: PluginManager) -> Draws:
+    for cell in cells:
+        try:
+            outputs: list[SampleOutput] | BaseException = [draw(cell, models[cell.model, cell.device], plugins)]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # recorded by the runner as the cell's failure
+            outputs = error
+        yield cell, outputs
 
+
+_worker_state: dict[str, Any] = {}  # per Ray worker process: its plugin set and models, built once
+
+
+def _draw_shard_task(cell: Cell, start: int, stop: int, run_id: str, plugin_spec) -> SampleOutput:
+    if _worker_state.get("run") != run_id:  # a new sweep: the driver's plugin set may have changed
+        _worker_state.update(run=run_id, plugins=PluginManager.from_spec(plugin_spec), models={})
+    plugins, models = _worker_state["plugins"], _worker_state["models"]
     key = (cell.model, cell.device)
-    if key not in _worker_models:
-        _worker_models[key] = load_model(cell.model.name, device=cell.device, **cell.model.kwargs)
-    out = draw(cell, _worker_models[key], None, start, stop)
+    if key not in models:
+        models[key] = load_model(cell.model.name, device=cell.device, plugins=plugins, **cell.model.kwargs)
+    out = draw(cell, models[key], plugins, start, stop)
     out.x, out.x_T = out.x.cpu(), out.x_T.cpu()  # results travel through Ray's object store
     return out
 
@@ -37,13 +58,13 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def ray_shards(cells: list[Cell], shards: int, address: str | None = None, workers: int | None = None,
-               max_in_flight: int = 64) -> Iterator[tuple[Cell, list[SampleOutput] | BaseException]]:
+def ray_draws(cells: list[Cell], plugins: PluginManager, shards: int, address: str | None = None,
+              workers: int | None = None, max_in_flight: int = 64) -> Draws:
     """Yields each cell with its shards' outputs in sample order (or the error a shard raised), as cells finish.
 
     ``workers``: the CPUs of a local Ray instance started here, and so how many tasks run at once (each task asks
     for one CPU, and Ray gives its workers one thread each); default: every core. Not for an existing cluster,
-    whose size is its own (bench.sweep.runner.run_suite checks that before anything runs).
+    whose size is its own (bench.sweep.runner checks that before anything runs).
     """
     import ray
 
@@ -51,8 +72,9 @@ def ray_shards(cells: list[Cell], shards: int, address: str | None = None, worke
     if started_here:
         ray.init(address=address, num_cpus=workers, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    remote = ray.remote(_sample_shard_task)
+    remote = ray.remote(_draw_shard_task)
     try:
+        spec, run_id = ray.put(plugins.spec()), uuid.uuid4().hex
         queue = list(cells)
         waiting: dict = {}  # object ref -> (cell, shard index)
         results: dict[str, list] = {}
@@ -63,7 +85,7 @@ def ray_shards(cells: list[Cell], shards: int, address: str | None = None, worke
                 results[cell.key] = [None] * len(bounds)
                 num_gpus = 1 / max(1, len(bounds)) if cell.device.startswith("cuda") else 0
                 for index, (start, stop) in enumerate(bounds):
-                    waiting[remote.options(num_gpus=num_gpus).remote(cell, start, stop)] = (cell, index)
+                    waiting[remote.options(num_gpus=num_gpus).remote(cell, start, stop, run_id, spec)] = (cell, index)
             ready, _ = ray.wait(list(waiting), num_returns=1)
             cell, index = waiting.pop(ready[0])
             try:

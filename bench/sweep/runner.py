@@ -1,14 +1,19 @@
-"""Running a suite: each cell samples, measures, and writes its row; done cells are skipped on a re-run."""
+"""Running a suite: load its models, draw each pending cell's samples through an executor, measure them, and write
+the cell's row; done cells are skipped on a re-run.
+
+    suite (cells) -> prepare (models, checked against the suite) -> executor (samples) -> measure (metrics)
+        -> bench.sweep.schema.row -> store
+
+The runner alone loads models: parsing a suite checks names and options, and what needs a model (its classes,
+its sigma range) is checked here, before the store is opened, so bad input still leaves nothing behind.
+"""
 
 from __future__ import annotations
 
-import datetime
 import fnmatch
-import json
+import io
 import math
 import os
-import platform
-import subprocess
 import sys
 import traceback
 from collections.abc import Sequence
@@ -19,17 +24,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from bench.core.sampling import SampleOutput, load_model, make_sigmas
 from bench.errors import BenchError, unknown_name
-from bench.measure.features import FeatureSpace, feature_space_for
+from bench.measure.features import FeatureSpace, feature_space_for, to_uint8
 from bench.measure.metrics import MetricContext, SharedCache, model_id
 from bench.measure.reference import ReferenceCache
 from bench.registry import PluginManager, manager
-from bench.core.sampling import SampleOutput, load_model, sample
+from bench.sweep import schema
+from bench.sweep.cell import Cell, Component
+from bench.sweep.executors import local_draws, ray_draws
 from bench.sweep.provenance import environment
 from bench.sweep.store import Store
-from bench.sweep.cell import Cell, draw
 from bench.sweep.suite import Suite
-
 
 EXECUTORS = ("local", "ray")
 
@@ -40,6 +46,54 @@ class RunSummary:
     done: int
     failed: int
     skipped: int
+
+
+@dataclass
+class Prepared:
+    """What the cells of a suite need that the suite file cannot say: the models, loaded once, and their feature
+    spaces (None: a metric that needs one fails its cell with the reason)."""
+
+    models: dict[tuple[Component, str], Any]
+    feature_spaces: dict[Component, FeatureSpace | None]
+
+
+def prepare(suite: Suite, plugins: PluginManager) -> Prepared:
+    """Load each model of the suite on each device it runs on, and check the cells against it: conditioning and
+    guidance against its classes, every schedule's options against its sigma range."""
+    models: dict[tuple[Component, str], Any] = {}
+    feature_spaces: dict[Component, FeatureSpace | None] = {}
+    checked: set[tuple[Component, Component, str | None, str, str]] = set()
+    for cell in suite.cells:
+        if (cell.model, cell.device) not in models:
+            model = load_model(cell.model.name, device=cell.device, plugins=plugins, **cell.model.kwargs)
+            models[cell.model, cell.device] = model
+            try:
+                feature_spaces.setdefault(cell.model, feature_space_for(model, suite.feature_extractor_weights_path))
+            except BenchError:
+                feature_spaces.setdefault(cell.model, None)
+        what = (cell.model, cell.schedule, cell.guidance_type if cell.guidance is not None else None, cell.labels,
+                cell.device)
+        if what not in checked:
+            checked.add(what)
+            _check_against_model(cell, models[cell.model, cell.device], plugins)
+    return Prepared(models, feature_spaces)
+
+
+def _check_against_model(cell: Cell, model, plugins: PluginManager) -> None:
+    name = cell.model.describe()
+    conditional = model.num_classes is not None
+    if cell.guidance is not None and not conditional:
+        raise BenchError(f"guidance is given, but model {name!r} is unconditional; remove guidance or the model")
+    if cell.labels != "none" and not conditional:
+        raise BenchError(f"labels = {cell.labels!r} given, but model {name!r} is unconditional")
+    if cell.guidance is not None and cell.guidance_type == "classifier" and not hasattr(model, "class_log_posterior"):
+        raise BenchError(f"guidance_type = \"classifier\" needs a model that knows its noisy-class posterior; "
+                         f"{name!r} does not (use \"classifier-free\")")
+    if cell.tolerance is None:  # an adaptive solver picks its own grid
+        try:
+            make_sigmas(cell.schedule.name, 2, model, plugins, **cell.schedule.kwargs)
+        except BenchError as error:
+            raise BenchError(f"solver {cell.solver.describe()!r}, model {name!r}: {error}") from None
 
 
 def measure(cell: Cell, model, shards: list[SampleOutput], references: ReferenceCache, shared: SharedCache,
@@ -54,9 +108,8 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
         bad = (~torch.isfinite(x.flatten(1))).any(dim=1).sum().item()
         raise FloatingPointError(f"{bad} of {cell.n} samples are not finite")
     context = MetricContext(model=model, model_id=model_id(cell.model.name, cell.model.kwargs, model),
-                            samples=x, x_T=x_T, labels=labels, seed=cell.seed,
-                            stochastic=shards[0].stochastic, references=references, shared=shared,
-                            feature_space=feature_space)
+                            samples=x, x_T=x_T, labels=labels, seed=cell.seed, stochastic=shards[0].stochastic,
+                            references=references, shared=shared, feature_space=feature_space)
     metrics = {}
     for name in cell.metrics:
         value = plugins.get("metric", name).obj.compute(context)
@@ -71,34 +124,16 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
             "grid_png": sample_grid_png(x) if x.dim() == 4 else None}
 
 
-def run_cell(cell: Cell, model, references: ReferenceCache, shared: SharedCache, plugins: PluginManager,
-             feature_space: FeatureSpace | None = None) -> dict[str, Any]:
-    """Sample and measure one cell in this process; the row's measured part. Raises on failure."""
-    return measure(cell, model, [draw(cell, model, plugins)], references, shared, plugins, feature_space)
-
-
 def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
     """The first samples of a cell as one PNG grid; samples live in [-1, 1]."""
-    import io
-
     from PIL import Image
     from torchvision.utils import make_grid
-
-    from bench.measure.features import to_uint8
 
     images = to_uint8(x[:count].cpu())
     grid = make_grid(images, nrow=int(len(images) ** 0.5 + 0.999), padding=1, pad_value=255)
     buffer = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _feature_space_or_none(model, weights_path: str | None) -> FeatureSpace | None:
-    """The model's feature space, or None to let a metric that needs one fail its cell with the reason."""
-    try:
-        return feature_space_for(model, weights_path)
-    except BenchError:
-        return None
 
 
 def matches(cell: Cell, patterns: Sequence[str]) -> bool:
@@ -108,20 +143,7 @@ def matches(cell: Cell, patterns: Sequence[str]) -> bool:
                for pattern in patterns)
 
 
-def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
-              progress: bool = True, executor: str = "local", shards: int = 1,
-              ray_address: str | None = None, ray_workers: int | None = None,
-              rerun: Sequence[str] = ()) -> RunSummary:
-    """Run every cell not yet done; the driver writes each row, in one transaction, as its cell finishes.
-
-    A cell is done when the store holds a done row under its key, which covers its config and the code that computes
-    it: edited code is recomputed. ``rerun`` globs (see ``matches``) recompute the cells they name anyway.
-
-    ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.sweep.executors); the
-    samples, and so the rows, are the local executor's, since every sample's noise depends on its index alone.
-    ``ray_workers`` sizes a local Ray instance (tasks at once); ``ray_address`` names an existing cluster instead.
-    """
-    plugins = plugins or manager()
+def _check_executor(executor: str, shards: int, ray_address: str | None, ray_workers: int | None) -> None:
     if executor not in EXECUTORS:
         raise unknown_name("executor", executor, EXECUTORS)
     if shards < 1:
@@ -137,68 +159,68 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
         if cluster:
             raise BenchError(f"ray_workers ({ray_workers}) sets the size of a local Ray instance; the existing "
                              f"cluster ({cluster}) has its own size")
+
+
+def _failure(error: BaseException) -> str:
+    message = f"{type(error).__name__}: {error}"
+    if not isinstance(error, (BenchError, FloatingPointError)):
+        message += "\n" + "".join(traceback.format_tb(error.__traceback__)[-3:])
+    return message
+
+
+def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
+              progress: bool = True, executor: str = "local", shards: int = 1,
+              ray_address: str | None = None, ray_workers: int | None = None,
+              rerun: Sequence[str] = ()) -> RunSummary:
+    """Run every cell not yet done; the driver writes each row, in one transaction, as its cell finishes.
+
+    A cell is done when the store holds a done row under its key, which covers its config and the code that computes
+    it: edited code is recomputed. ``rerun`` globs (see ``matches``) recompute the cells they name anyway.
+
+    ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.sweep.executors); the
+    samples, and so the rows, are the local executor's up to rounding, since every sample's noise depends on its
+    index alone. ``ray_workers`` sizes a local Ray instance (tasks at once); ``ray_address`` names an existing
+    cluster instead.
+    """
+    plugins = plugins or manager()
+    _check_executor(executor, shards, ray_address, ray_workers)
+    try:
+        prepared = prepare(suite, plugins)  # before the store exists: bad input writes nothing
+    except BenchError as error:
+        raise BenchError(f"{suite.path}: {error}" if suite.path else str(error)) from None
     out_dir = Path(out_dir)
     store_path = out_dir / f"{suite.name}.sqlite"
     references = ReferenceCache(out_dir / "cache")
     shared = SharedCache(out_dir / "cache")
-    models: dict[tuple[Any, str], Any] = {}
-    feature_spaces: dict[Any, FeatureSpace | None] = {}
     environments: dict[str, dict[str, Any]] = {}
-
-    def model_for(cell: Cell):
-        if (cell.model, cell.device) not in models:
-            loaded = suite.models.get(cell.model) if cell.device == "cpu" else None
-            models[cell.model, cell.device] = loaded or load_model(cell.model.name, device=cell.device,
-                                                                  plugins=plugins, **cell.model.kwargs)
-            feature_spaces[cell.model] = _feature_space_or_none(models[cell.model, cell.device],
-                                                                suite.feature_extractor_weights_path)
-        return models[cell.model, cell.device]
-
-    def local_outcomes(cells: list[Cell]):
-        for cell in cells:
-            yield cell, lambda cell=cell: run_cell(cell, model_for(cell), references, shared, plugins,
-                                                   feature_spaces[cell.model])
-
-    def ray_outcomes(cells: list[Cell]):
-        from bench.sweep.executors import ray_shards
-
-        for cell, shard_outputs in ray_shards(cells, shards, address=ray_address, workers=ray_workers):
-            def produce(cell=cell, shard_outputs=shard_outputs):
-                if isinstance(shard_outputs, BaseException):
-                    raise shard_outputs
-                return measure(cell, model_for(cell), shard_outputs, references, shared, plugins,
-                               feature_spaces[cell.model])
-            yield cell, produce
 
     done = failed = 0
     with Store(store_path) as store:
+        store.describe_metrics(plugins.get("metric", name).obj.info(name)
+                               for name in sorted({name for cell in suite.cells for name in cell.metrics}))
         finished = store.done_keys()
         pending = [cell for cell in suite.cells if cell.key not in finished or matches(cell, rerun)]
-        outcomes = local_outcomes(pending) if executor == "local" else ray_outcomes(pending)
-        bar = tqdm(outcomes, total=len(pending), desc=suite.name, unit="cell", disable=not progress,
-                   file=sys.stderr)
-        for cell, produce in bar:
-            budget = f"nfe={cell.nfe}" if cell.tolerance is None else f"tol={cell.tolerance:g}"
-            bar.set_postfix_str(f"{cell.model.name} {cell.solver.describe()} {budget}", refresh=False)
-            row = {"key": cell.key, "config_key": cell.config_key, "suite": cell.suite, "model": cell.model.describe(),
-                   "solver": cell.solver.name, "label": cell.solver.describe(), "schedule": cell.schedule.describe(),
-                   "nfe_budget": cell.nfe, "tolerance": cell.tolerance, "guidance": cell.guidance,
-                   "labels": cell.labels, "seed": cell.seed, "n": cell.n, "dtype": cell.dtype,
-                   "network_precision": cell.precision, "device": cell.device, "config": cell.config(),
-                   "code": json.loads(cell.code),
-                   "environment": environments.setdefault(cell.device, environment(cell.device))}
+        if executor == "local":
+            draws = local_draws(pending, prepared.models, plugins)
+        else:
+            draws = ray_draws(pending, plugins, shards, address=ray_address, workers=ray_workers)
+        bar = tqdm(draws, total=len(pending), desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
+        for cell, outputs in bar:
+            bar.set_postfix_str(cell.describe(), refresh=False)
+            cell_environment = environments.setdefault(cell.device, environment(cell.device))
+            grid_png = None
             try:
-                row.update(produce(), status="done", error=None)
+                if isinstance(outputs, BaseException):
+                    raise outputs
+                measured = measure(cell, prepared.models[cell.model, cell.device], outputs, references, shared,
+                                   plugins, prepared.feature_spaces[cell.model])
+                grid_png = measured.pop("grid_png")
+                row = schema.row(cell, cell_environment, measured)
                 done += 1
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:  # a broken cell is recorded, and the sweep goes on
-                message = f"{type(error).__name__}: {error}"
-                if not isinstance(error, (BenchError, FloatingPointError)):
-                    message += "\n" + "".join(traceback.format_tb(error.__traceback__)[-3:])
-                row.update(status="failed", error=message, nfe=None, model_evals=None, steps=None, seconds=None,
-                           metrics={}, batch_size=None, peak_memory_bytes=None)
+                row = schema.row(cell, cell_environment, error=_failure(error))
                 failed += 1
-            row["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            store.write(row, grid_png=row.pop("grid_png", None))
+            store.write(row, grid_png=grid_png)
     return RunSummary(store=store_path, done=done, failed=failed, skipped=len(suite.cells) - len(pending))

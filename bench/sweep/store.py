@@ -19,51 +19,11 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.sweep.schema import JSON_COLUMNS, NAMES, create_table_sql
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS cells (
-    key TEXT PRIMARY KEY,
-    config_key TEXT NOT NULL,
-    suite TEXT NOT NULL,
-    model TEXT NOT NULL,
-    solver TEXT NOT NULL,
-    label TEXT NOT NULL,
-    schedule TEXT NOT NULL,
-    nfe_budget INTEGER,
-    tolerance REAL,
-    guidance REAL,
-    labels TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    dtype TEXT NOT NULL,
-    network_precision TEXT NOT NULL,
-    device TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
-    error TEXT,
-    nfe REAL,
-    model_evals REAL,
-    steps INTEGER,
-    seconds REAL,
-    batch_size INTEGER,
-    peak_memory_bytes INTEGER,
-    metrics TEXT NOT NULL,
-    config TEXT NOT NULL,
-    code TEXT NOT NULL,
-    environment TEXT NOT NULL,
-    finished_at TEXT NOT NULL
-)
-"""
-GRIDS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS grids (
-    key TEXT PRIMARY KEY,
-    png BLOB NOT NULL
-)
-"""
-COLUMNS = ("key", "config_key", "suite", "model", "solver", "label", "schedule", "nfe_budget", "tolerance", "guidance",
-           "labels", "seed", "n", "dtype", "network_precision", "device", "status", "error", "nfe", "model_evals",
-           "steps", "seconds", "batch_size", "peak_memory_bytes", "metrics", "config", "code", "environment",
-           "finished_at")
-JSON_COLUMNS = ("metrics", "config", "code", "environment")
+GRIDS_SCHEMA = "CREATE TABLE IF NOT EXISTS grids (key TEXT PRIMARY KEY, png BLOB NOT NULL)"
+METRICS_SCHEMA = ("CREATE TABLE IF NOT EXISTS metric_info (name TEXT PRIMARY KEY, title TEXT NOT NULL, "
+                  "better TEXT NOT NULL, log_scale INTEGER NOT NULL, axis TEXT NOT NULL, description TEXT NOT NULL)")
 
 
 class Store:
@@ -74,12 +34,13 @@ class Store:
         self._connection = sqlite3.connect(self.path, timeout=60)
         with self._connection:
             columns = [row[1] for row in self._connection.execute("PRAGMA table_info(cells)")]
-            if columns and columns != list(COLUMNS):
+            if columns and columns != list(NAMES):
                 # a store written by an earlier samplerbench: its rows cannot say which code made them
                 raise BenchError(f"{str(self.path)!r} was written by an earlier version of samplerbench (its columns "
                                  f"differ); move it aside and run again to recompute its cells")
-            self._connection.execute(SCHEMA)
+            self._connection.execute(create_table_sql())
             self._connection.execute(GRIDS_SCHEMA)
+            self._connection.execute(METRICS_SCHEMA)
 
     def done_keys(self) -> set[str]:
         rows = self._connection.execute("SELECT key FROM cells WHERE status = 'done'")
@@ -91,7 +52,7 @@ class Store:
         values = dict(row)
         for column in JSON_COLUMNS:
             values[column] = json.dumps(values[column], sort_keys=True, default=str)
-        missing = [column for column in COLUMNS if column not in values]
+        missing = [column for column in NAMES if column not in values]
         if missing:
             raise ValueError(f"row lacks columns {missing}")
         with self._connection:
@@ -101,12 +62,20 @@ class Store:
                 self._connection.execute("DELETE FROM cells WHERE key = ?", (key,))
                 self._connection.execute("DELETE FROM grids WHERE key = ?", (key,))
             self._connection.execute(
-                f"INSERT OR REPLACE INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                [values[column] for column in COLUMNS],
+                f"INSERT OR REPLACE INTO cells ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})",
+                [values[column] for column in NAMES],
             )
             if grid_png is not None:
                 self._connection.execute("INSERT OR REPLACE INTO grids (key, png) VALUES (?, ?)",
                                          (values["key"], grid_png))
+
+    def describe_metrics(self, infos: Iterable[dict[str, Any]]) -> None:
+        """Keep each metric's metadata (Metric.info) beside the rows, so that a report needs no plugin."""
+        with self._connection:
+            for info in infos:
+                self._connection.execute(
+                    "INSERT OR REPLACE INTO metric_info (name, title, better, log_scale, axis, description) "
+                    "VALUES (:name, :title, :better, :log_scale, :axis, :description)", info)
 
     def close(self) -> None:
         self._connection.close()
@@ -126,16 +95,28 @@ def read_results(path: str | Path, keys: Iterable[str] | None = None) -> pd.Data
         raise BenchError(f"no results store at {str(path)!r}")
     with sqlite3.connect(path) as connection:
         frame = pd.read_sql_query("SELECT * FROM cells ORDER BY model, label, schedule, nfe_budget, seed", connection)
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        infos = ({row[0]: {"title": row[1], "better": row[2], "log_scale": bool(row[3]), "axis": row[4],
+                           "description": row[5]}
+                  for row in connection.execute("SELECT name, title, better, log_scale, axis, description "
+                                                "FROM metric_info")} if "metric_info" in tables else {})
     if keys is not None:
         frame = frame[frame["key"].isin(set(keys))].reset_index(drop=True)
     metrics = [json.loads(text) for text in frame["metrics"]]
     names = sorted({name for row in metrics for name in row})
-    clashes = set(names) & set(COLUMNS)
+    clashes = set(names) & set(NAMES)
     if clashes:
-        raise ValueError(f"metric names {sorted(clashes)} clash with store columns")
+        raise BenchError(f"{str(path)!r}: metric names {sorted(clashes)} clash with the row's own columns")
     for name in names:
         frame[name] = [_float(row.get(name)) for row in metrics]
+    frame.attrs["metrics"] = {name: infos.get(name, default_metric_info(name)) for name in names}
     return frame
+
+
+def default_metric_info(name: str) -> dict[str, Any]:
+    """For a metric whose store has no metadata for it."""
+    return {"title": name.replace("_", " "), "better": "lower", "log_scale": False, "axis": "other",
+            "description": ""}
 
 
 def _float(value: Any) -> float:

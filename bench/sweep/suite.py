@@ -29,20 +29,22 @@
     name = "rk45"                # adaptive solvers sweep tolerances (rtol = atol) instead of NFE budgets
     tolerances = [1e-2, 1e-3, 1e-4]
 
-Everything is validated before anything runs, so bad input leaves no partial output.
+Parsing checks every name and option without loading a model; what needs the model (its classes, its sigma range)
+the runner checks when it loads it, before anything runs, so bad input leaves no partial output.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.core.guidance import GUIDANCE_KINDS
-from bench.core.sampling import LABEL_CHOICES, PRECISIONS, load_model, make_sigmas
+from bench.core.sampling import LABEL_CHOICES, PRECISIONS
 from bench.core.solver import build_solver
 from bench.errors import BenchError, unknown_name
 from bench.registry import PluginManager, manager
@@ -62,7 +64,6 @@ class Suite:
     path: Path | None
     cells: list[Cell]
     description: str = ""
-    models: dict[Component, Any] = field(default_factory=dict)  # loaded while validating, reused by the runner
     feature_extractor_weights_path: str | None = None
 
 
@@ -132,24 +133,10 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
     if not models or not solvers:
         raise BenchError("a suite needs at least one [[models]] and one [[solvers]] entry")
 
-    loaded = {}
-    for model in models:
-        loaded[model] = load_model(model.name, device="cpu", plugins=plugins, **model.kwargs)
-        conditional = loaded[model].num_classes is not None
-        if guidance_axis is not None and not conditional:
-            raise BenchError(f"guidance = {guidance_axis} given, but model {model.name!r} is unconditional; "
-                             "remove guidance or the model")
-        if guidance_axis is not None and labels == "none":
-            raise BenchError("guidance needs labels: set labels = \"balanced\" (the default, \"none\", samples "
-                             "unconditionally)")
-        if labels != "none" and not conditional:
-            raise BenchError(f"labels = {labels!r} given, but model {model.name!r} is unconditional")
-        if guidance_type == "classifier" and guidance_axis is not None and not hasattr(loaded[model],
-                                                                                        "class_log_posterior"):
-            raise BenchError(f"guidance_type = \"classifier\" needs a model that knows its noisy-class posterior; "
-                             f"{model.name!r} does not (use \"classifier-free\")")
-        for schedule in default_schedules:
-            make_sigmas(schedule.name, 2, loaded[model], plugins, **schedule.kwargs)  # bad options fail now
+    if guidance_axis is not None and labels == "none":
+        raise BenchError("guidance needs labels: set labels = \"balanced\" (the default, \"none\", samples "
+                         "unconditionally)")
+    # what needs a model (its classes, its sigma range) is checked when the runner loads it, before anything runs
 
     cells, labelled = [], {}
     for solver_table in solvers:
@@ -201,7 +188,7 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         if cell.config_key in seen:
             raise BenchError(f"the cell {cell.describe()} appears twice; remove the duplicate entry or value")
         seen[cell.config_key] = cell
-    return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")), models=loaded,
+    return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")),
                  feature_extractor_weights_path=weights_path)
 
 
@@ -217,7 +204,26 @@ def _component(entry: Any, kind: str, plugins: PluginManager) -> Component:
     name = _string(table.get("name"), f"{kind}.name")
     registration = plugins.get(kind, name)
     options = {key: value for key, value in table.items() if key not in ("name", "label")}
+    allowed = _keyword_options(registration.obj, skip=2 if kind == "schedule" else 0)
+    if allowed is not None:
+        for key in options:
+            if key not in allowed:
+                raise BenchError(f"{kind} {registration.name!r} has no option {key!r} "
+                                 f"(its options: {', '.join(allowed) or 'none'})")
     return Component(registration.name, tuple(sorted(options.items())), str(table.get("label", "")))
+
+
+def _keyword_options(fn: Any, skip: int) -> list[str] | None:
+    """The options a schedule (after its steps and model) or a model loader takes by name; None when it takes any
+    (**options) or cannot be inspected, and its own call then judges them."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in named[skip:] if p.name != "device"]
 
 
 def _table(value: Any, what: str) -> dict[str, Any]:
