@@ -12,6 +12,7 @@ from bench.errors import BenchError
 
 EXIT_FAILED_CELLS = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command stopped by Ctrl-C
 
 
 def default_suite() -> Path:
@@ -19,22 +20,51 @@ def default_suite() -> Path:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from bench.report import write_report
-    from bench.sweep.runner import run_suite
-    from bench.sweep.store import read_grids, read_results
+    from bench.sweep.runner import run_suite, store_path
     from bench.sweep.suite import load_suite
 
     suite = load_suite(args.suite or default_suite(), device=args.device)
-    summary = run_suite(suite, args.out, progress=not args.quiet, executor=args.executor, shards=args.shards,
-                        ray_address=args.ray_address, ray_workers=args.ray_workers, rerun=args.rerun)
     report_path = Path(args.report) if args.report else Path("reports") / f"{suite.name}.html"
-    # the report of this run shows this suite's cells, not rows an earlier version of the suite left in the store
-    write_report(read_results(summary.store, keys=[cell.key for cell in suite.cells]), report_path, title=f"samplerbench: {suite.name}",
-                 provenance=_provenance(summary.store, suite_path=str(suite.path)),
-                 sample_grids=read_grids(summary.store))
-    print(f"{summary.done} cells done, {summary.failed} failed, {summary.skipped} already done; "
+    try:
+        summary = run_suite(suite, args.out, progress=not args.quiet, executor=args.executor, shards=args.shards,
+                            ray_address=args.ray_address, ray_workers=args.ray_workers, rerun=args.rerun,
+                            cell_timeout=args.cell_timeout)
+    except KeyboardInterrupt:
+        path = store_path(suite, args.out)
+        if path.exists():
+            _write_suite_report(suite, path, report_path, interrupted=True)
+            where = f"; the report of the cells done is in {report_path}"
+        else:
+            where = ""
+        print(f"samplerbench: interrupted: the cell in flight was not recorded{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _write_suite_report(suite, summary.store, report_path)
+    busy = f", {summary.busy} in progress in another run" if summary.busy else ""
+    print(f"{summary.done} cells done, {summary.failed} failed, {summary.skipped} already done{busy}; "
           f"results in {summary.store}, report in {report_path}")
     return EXIT_FAILED_CELLS if summary.failed else 0
+
+
+def _write_suite_report(suite, store: Path, report_path: Path, interrupted: bool = False) -> None:
+    """The report of this suite's cells (not rows an earlier version of the suite left in the store), saying so
+    when some have no row yet."""
+    from bench.files import remove_stale_temporaries
+    from bench.report import write_report
+    from bench.sweep.store import claims_in_progress, read_grids, read_results
+
+    keys = [cell.key for cell in suite.cells]
+    results = read_results(store, keys=keys)
+    missing = len(keys) - len(results)
+    notice = None
+    if missing:
+        elsewhere = len(set(claims_in_progress(store)) & set(keys))
+        why = "the run was interrupted" if interrupted else "another run is computing them"
+        notice = (f"This report is unfinished: {missing} of {len(keys)} cells have no result yet ({why}"
+                  + (f"; {elsewhere} in progress now" if elsewhere else "") + ").")
+    remove_stale_temporaries(report_path.parent)
+    write_report(results, report_path, title=f"samplerbench: {suite.name}",
+                 provenance=_provenance(store, suite_path=str(suite.path)), sample_grids=read_grids(store),
+                 notice=notice)
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -52,13 +82,18 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from bench.files import remove_stale_temporaries
     from bench.report import write_report
-    from bench.sweep.store import read_grids, read_results
+    from bench.sweep.store import claims_in_progress, read_grids, read_results
 
     results = Path(args.results)
     out = Path(args.output) if args.output else Path("reports") / f"{results.stem}.html"
+    in_progress = claims_in_progress(results)
+    notice = (f"A sweep is still running on this store: {len(in_progress)} cells are in progress, and this report "
+              "shows what was done when it was drawn." if in_progress else None)
+    remove_stale_temporaries(out.parent)
     write_report(read_results(results), out, title=f"samplerbench: {results.stem}", provenance=_provenance(results),
-                 sample_grids=read_grids(results))
+                 sample_grids=read_grids(results), notice=notice)
     print(f"report in {out}")
     return 0
 
@@ -101,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--rerun", action="append", default=[], metavar="PATTERN",
                      help="recompute the cells whose solver label, solver name or model matches this glob (or whose "
                           "key starts with it), even if done; repeatable; '*' recomputes every cell")
+    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
+                     help="stop a cell after this long and record it as failed (default: the suite's cell_timeout, "
+                          "else 3600)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=command_run)
     listing = commands.add_parser("list", help="plugins and what each registered")

@@ -27,6 +27,16 @@ KINDS = {
 }
 
 
+class DuplicateName(BenchError):
+    """Two plugins registered one name: an error for every command, naming both."""
+
+
+class _HookFailed(Exception):
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(message)
+        self.plugin, self.message = plugin, message
+
+
 @dataclass(frozen=True)
 class Registration:
     kind: str
@@ -113,37 +123,50 @@ class PluginManager:
 
     def _build(self) -> dict[str, dict[str, Registration]]:
         with self._lock:
-            if self._registries is not None:
-                return self._registries
-            registries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS.values()}
-            plugins = {name: PluginInfo(name, self._sources.get(name, "?"), [], *self._distributions.get(name, (None, None)))
-                       for name, _ in self._pm.list_name_plugin()}
-            for hook_name, kind in KINDS.items():
-                caller = getattr(self._pm.hook, hook_name)
-                # one call per implementation, so that every registration knows the plugin it came from
-                for impl in reversed(caller.get_hookimpls()):
-                    names = registries[kind]
+            while self._registries is None:
+                try:
+                    self._registries = self._collect()
+                except _HookFailed as failure:
+                    # set aside like a plugin that failed to import; the others are collected again without it
+                    self.failed[failure.plugin] = failure.message
+                    self._pm.unregister(name=failure.plugin)
+                    self._runtime.pop(failure.plugin, None)
+            return self._registries
 
-                    def register(obj: Any, name: str, aliases: tuple[str, ...] | list[str] = (),
-                                 _plugin: str = impl.plugin_name, _kind: str = kind, _names=names,
-                                 **extras: Any) -> None:
-                        entry = Registration(_kind, name, obj, tuple(aliases), _plugin, extras)
-                        for key in (name, *entry.aliases):
-                            if key in _names:
-                                other = _names[key].plugin
-                                raise BenchError(
-                                    f"{_kind} {key!r} is registered twice: by plugin {other!r} "
-                                    f"({self._sources.get(other, '?')}) and by plugin {_plugin!r} "
-                                    f"({self._sources.get(_plugin, '?')}); uninstall or rename one of them"
-                                )
-                            _names[key] = entry
-                        plugins[_plugin].registered.append(entry)
+    def _collect(self) -> dict[str, dict[str, Registration]]:
+        registries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS.values()}
+        plugins = {name: PluginInfo(name, self._sources.get(name, "?"), [], *self._distributions.get(name, (None, None)))
+                   for name, _ in self._pm.list_name_plugin()}
+        for hook_name, kind in KINDS.items():
+            caller = getattr(self._pm.hook, hook_name)
+            # one call per implementation, so that every registration knows the plugin it came from
+            for impl in reversed(caller.get_hookimpls()):
+                names = registries[kind]
 
-                    arguments = {"register": register}
+                def register(obj: Any, name: str, aliases: tuple[str, ...] | list[str] = (),
+                             _plugin: str = impl.plugin_name, _kind: str = kind, _names=names,
+                             **extras: Any) -> None:
+                    entry = Registration(_kind, name, obj, tuple(aliases), _plugin, extras)
+                    for key in (name, *entry.aliases):
+                        if key in _names:
+                            other = _names[key].plugin
+                            raise DuplicateName(
+                                f"{_kind} {key!r} is registered twice: by plugin {other!r} "
+                                f"({self._sources.get(other, '?')}) and by plugin {_plugin!r} "
+                                f"({self._sources.get(_plugin, '?')}); uninstall or rename one of them"
+                            )
+                        _names[key] = entry
+                    plugins[_plugin].registered.append(entry)
+
+                arguments = {"register": register}
+                try:
                     impl.function(**{arg: arguments[arg] for arg in impl.argnames})
-            self._plugins = plugins
-            self._registries = registries
-            return registries
+                except DuplicateName:
+                    raise
+                except Exception as error:  # a broken plugin must not take the others down
+                    raise _HookFailed(impl.plugin_name, f"{hook_name} raised {type(error).__name__}: {error}")
+        self._plugins = plugins
+        return registries
 
     def names(self, kind: str) -> list[str]:
         """Primary names of every registered thing of this kind, sorted."""
@@ -152,7 +175,12 @@ class PluginManager:
     def get(self, kind: str, name: str) -> Registration:
         registry = self._build()[kind]
         if name not in registry:
-            raise unknown_name(kind, name, self.names(kind))
+            error = unknown_name(kind, name, self.names(kind))
+            if self.failed:
+                broken = ", ".join(f"{plugin!r} ({reason})" for plugin, reason in sorted(self.failed.items()))
+                error = BenchError(f"{error}; it may belong to a plugin that failed to load: {broken} "
+                                   "(see `samplerbench list`)")
+            raise error
         return registry[name]
 
     def plugins(self) -> list[PluginInfo]:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from bench.errors import BenchError
+from bench.files import atomic_path
 from bench.measure.features import FeatureSpace, feature_space_for
 from bench.measure.reference import ReferenceCache
 
@@ -130,10 +131,8 @@ class SharedCache:
         else:
             value = compute()
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_suffix(".tmp")
-                save_file({"features": value.contiguous()}, temporary, metadata={"key": key})
-                temporary.replace(path)
+                with atomic_path(path) as temporary:
+                    save_file({"features": value.contiguous()}, temporary, metadata={"key": key})
         self._items[key] = value
         return value
 

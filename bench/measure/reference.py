@@ -18,6 +18,7 @@ import torchdiffeq
 from torch import Tensor
 
 from bench.core.denoiser import CountingDenoiser
+from bench.files import atomic_path
 
 REFERENCE_TOLERANCE = 1e-10
 # samples drawn in float32 cannot resolve trajectory errors below ~1e-6: a 1e-8 reference is exact for them at a
@@ -78,9 +79,7 @@ class ReferenceCache:
             if path is not None:
                 from safetensors.torch import save_file
 
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_suffix(".tmp")
-                save_file({"x0": reference.cpu().contiguous()}, temporary)
-                temporary.replace(path)
+                with atomic_path(path) as temporary:
+                    save_file({"x0": reference.cpu().contiguous()}, temporary)
         self._memory[key] = reference
         return reference

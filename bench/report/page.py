@@ -35,17 +35,20 @@ def write_report(
     title: str,
     provenance: dict[str, str] | None = None,
     sample_grids: Mapping[str, bytes] | None = None,
+    notice: str | None = None,
 ) -> Path:
     """Write the HTML report of ``results`` (one row per cell, as bench.read_results gives them) to ``out_path``
     atomically; return the path.
 
     ``provenance`` (git sha, torch version, device, date, suite file, N, feature space, ...) is shown as a table.
     ``sample_grids`` optionally maps a cell key to PNG bytes of a grid of that cell's samples (image models); each
-    model's section shows them as a gallery, one per solver and NFE budget.
+    model's section shows them as a gallery, one per solver and NFE budget. ``notice``, shown first, says what
+    the reader must know before any number (a report drawn while a sweep is unfinished).
     """
     infos = metric_infos(results)
     frame = normalize(results, infos)
-    page = _render_page(frame, infos, title=title, provenance=provenance or {}, sample_grids=sample_grids or {})
+    page = _render_page(frame, infos, title=title, provenance=provenance or {}, sample_grids=sample_grids or {},
+                        notice=notice)
     return _write_atomic(Path(out_path), page)
 
 
@@ -87,9 +90,18 @@ def _cells_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
     columns = ["key", "label", "solver", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "status", "nfe",
                "model_evals", "seconds", "device", *metrics, "error"]
     ordered = cells.sort_values(["label", "schedule", "nfe_budget", "seed"], kind="stable", na_position="last")
-    rows = [[_cell_value(row[c]) for c in columns] for _, row in ordered.iterrows()]
+    rows = [[_cell_value(row[c]) for c in columns[:-1]] + [_errors(row)] for _, row in ordered.iterrows()]
     classes = ["failed" if status != "done" else "" for status in ordered["status"]]
     return _table(columns, rows, classes)
+
+
+def _errors(row: pd.Series) -> str | None:
+    """Why the cell failed, or which of its metrics failed (a failed metric spares the others)."""
+    parts = [str(row["error"])] if isinstance(row.get("error"), str) else []
+    failed_metrics = row.get("metric_errors")
+    if isinstance(failed_metrics, str) and failed_metrics not in ("", "{}"):
+        parts += [f"metric {name!r} failed: {reason}" for name, reason in json.loads(failed_metrics).items()]
+    return "\n".join(parts) or None
 
 
 def _cell_value(value: object) -> object:
@@ -149,9 +161,14 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom:
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } tr.failed td { background: #fdecea; }
+.notice { background: #fff4d6; border: 1px solid #e0b000; padding: 0.5em 0.8em; font-weight: bold; }
 td:last-child { white-space: pre-wrap; max-width: 40em; }
 .note { color: #555; } img.samples { max-width: 100%; image-rendering: pixelated; }
 """
+
+
+def _notice(notice: str | None) -> str:
+    return f'<p class="notice">{html.escape(notice)}</p>' if notice else ""
 
 
 def _summary(frame: pd.DataFrame) -> str:
@@ -232,14 +249,14 @@ def _plotly_script() -> str:
 
 
 def _render_page(frame: pd.DataFrame, infos: Mapping[str, MetricInfo], *, title: str,
-                 provenance: Mapping[str, str], sample_grids: Mapping[str, bytes]) -> str:
+                 provenance: Mapping[str, str], sample_grids: Mapping[str, bytes], notice: str | None) -> str:
     models = sorted(frame["model"].unique())
     sections = "".join(
         _model_section(i, m, frame[frame["model"] == m], infos, sample_grids) for i, m in enumerate(models))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{CSS}</style>{_plotly_script()}</head>\n<body>"
-        f"<h1>{html.escape(title)}</h1>{_summary(frame)}{_notes(frame, provenance)}{_toc(models)}"
+        f"<h1>{html.escape(title)}</h1>{_notice(notice)}{_summary(frame)}{_notes(frame, provenance)}{_toc(models)}"
         f"{sections}<h2>Provenance</h2>{_provenance_table(provenance)}{_code_table(frame)}</body></html>\n"
     )
 

@@ -1,6 +1,7 @@
 """Executors: where a cell's samples are drawn. Each yields every cell with its samples (one shard, or several in
 sample order) or the error that stopped it, as cells finish; the runner measures them and writes the rows, so
-many workers finishing at once never race on the store.
+many workers finishing at once never race on the store. An executor asks ``claim(cell)`` right before it starts a
+cell (another run sharing the store may hold it: then the cell is skipped) and stops a cell at its time limit.
 
 - ``local_draws``: in this process, one cell after another, with the models the runner loaded.
 - ``ray_draws``: each cell as Ray tasks over disjoint sample ranges. Per-sample seeding (bench.core.noise) makes
@@ -14,26 +15,42 @@ many workers finishing at once never race on the store.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from bench.core.sampling import SampleOutput, load_model
 from bench.registry import PluginManager
 from bench.sweep.cell import Cell, Component, draw
+from bench.sweep.timeouts import CellTimeout, time_limit
 
-Draws = Iterator[tuple[Cell, list[SampleOutput] | BaseException]]
+
+@dataclass
+class Drawn:
+    cell: Cell
+    outputs: list[SampleOutput] | BaseException  # the shards in sample order, or what stopped the cell
+    seconds: float  # spent on the cell so far: its time limit covers drawing and measuring
 
 
-def local_draws(cells: list[Cell], models: Mapping[tuple[Component, str], Any], plugins: PluginManager) -> Draws:
+Claim = Callable[[Cell], bool]
+
+
+def local_draws(cells: list[Cell], models: Mapping[tuple[Component, str], Any], plugins: PluginManager,
+                claim: Claim, timeout: float | None) -> Iterator[Drawn]:
     for cell in cells:
+        if not claim(cell):
+            continue
+        started = time.perf_counter()
         try:
-            outputs: list[SampleOutput] | BaseException = [draw(cell, models[cell.model, cell.device], plugins)]
+            with time_limit(timeout):
+                outputs: list[SampleOutput] | BaseException = [draw(cell, models[cell.model, cell.device], plugins)]
         except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception as error:  # recorded by the runner as the cell's failure
+        except (Exception, CellTimeout) as error:  # recorded by the runner as the cell's failure
             outputs = error
-        yield cell, outputs
+        yield Drawn(cell, outputs, time.perf_counter() - started)
 
 
 _worker_state: dict[str, Any] = {}  # per Ray worker process: its plugin set and models, built once
@@ -58,9 +75,10 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def ray_draws(cells: list[Cell], plugins: PluginManager, shards: int, address: str | None = None,
-              workers: int | None = None, max_in_flight: int = 64) -> Draws:
+def ray_draws(cells: list[Cell], plugins: PluginManager, claim: Claim, timeout: float | None, shards: int,
+              address: str | None = None, workers: int | None = None, max_in_flight: int = 64) -> Iterator[Drawn]:
     """Yields each cell with its shards' outputs in sample order (or the error a shard raised), as cells finish.
+    A cell whose tasks run past ``timeout`` is cancelled and yielded with CellTimeout.
 
     ``workers``: the CPUs of a local Ray instance started here, and so how many tasks run at once (each task asks
     for one CPU, and Ray gives its workers one thread each); default: every core. Not for an existing cluster,
@@ -78,15 +96,30 @@ def ray_draws(cells: list[Cell], plugins: PluginManager, shards: int, address: s
         queue = list(cells)
         waiting: dict = {}  # object ref -> (cell, shard index)
         results: dict[str, list] = {}
+        started: dict[str, float] = {}
         while queue or waiting:
             while queue and len(waiting) < max_in_flight:
                 cell = queue.pop(0)
+                if not claim(cell):
+                    continue
                 bounds = shard_bounds(cell.n, shards)
-                results[cell.key] = [None] * len(bounds)
+                results[cell.key], started[cell.key] = [None] * len(bounds), time.perf_counter()
                 num_gpus = 1 / max(1, len(bounds)) if cell.device.startswith("cuda") else 0
                 for index, (start, stop) in enumerate(bounds):
                     waiting[remote.options(num_gpus=num_gpus).remote(cell, start, stop, run_id, spec)] = (cell, index)
-            ready, _ = ray.wait(list(waiting), num_returns=1)
+            if not waiting:
+                continue
+            deadline = min(started[cell.key] for cell, _ in waiting.values()) + (timeout or float("inf"))
+            ready, _ = ray.wait(list(waiting), num_returns=1,
+                                timeout=None if timeout is None else max(0.0, deadline - time.perf_counter()))
+            if not ready:  # the oldest cell ran out of time: cancel all of its tasks
+                expired = min((cell for cell, _ in waiting.values()), key=lambda cell: started[cell.key])
+                for ref in [ref for ref, (cell, _) in waiting.items() if cell.key == expired.key]:
+                    ray.cancel(ref, force=True)
+                    del waiting[ref]
+                del results[expired.key]
+                yield Drawn(expired, CellTimeout(timeout), time.perf_counter() - started.pop(expired.key))
+                continue
             cell, index = waiting.pop(ready[0])
             try:
                 results[cell.key][index] = ray.get(ready[0])
@@ -96,7 +129,7 @@ def ray_draws(cells: list[Cell], plugins: PluginManager, shards: int, address: s
             if all(output is not None for output in outputs):
                 del results[cell.key]
                 failures = [output for output in outputs if isinstance(output, BaseException)]
-                yield cell, failures[0] if failures else outputs
+                yield Drawn(cell, failures[0] if failures else outputs, time.perf_counter() - started.pop(cell.key))
     finally:
         if started_here:
             ray.shutdown()

@@ -32,10 +32,12 @@ from bench.measure.reference import ReferenceCache
 from bench.registry import PluginManager, manager
 from bench.sweep import schema
 from bench.sweep.cell import Cell, Component
+from bench.files import remove_stale_temporaries
 from bench.sweep.executors import local_draws, ray_draws
 from bench.sweep.provenance import environment
-from bench.sweep.store import Store
+from bench.sweep.store import Heartbeat, Store, new_claimant
 from bench.sweep.suite import Suite
+from bench.sweep.timeouts import DEFAULT_CELL_TIMEOUT, CellTimeout, time_limit
 
 EXECUTORS = ("local", "ray")
 
@@ -45,7 +47,8 @@ class RunSummary:
     store: Path
     done: int
     failed: int
-    skipped: int
+    skipped: int  # done before (by an earlier run, or by another run meanwhile)
+    busy: int = 0  # being computed by another live run sharing the store
 
 
 @dataclass
@@ -60,6 +63,11 @@ class Prepared:
 def prepare(suite: Suite, plugins: PluginManager) -> Prepared:
     """Load each model of the suite on each device it runs on, and check the cells against it: conditioning and
     guidance against its classes, every schedule's options against its sigma range."""
+    for name in dict.fromkeys(name for cell in suite.cells for name in cell.metrics):
+        if name in schema.NAMES:
+            plugin = plugins.get("metric", name).plugin
+            raise BenchError(f"metric {name!r} (plugin {plugin!r}) is named like a column of the result row; the "
+                             f"plugin must rename it (row columns: {', '.join(schema.NAMES)})")
     models: dict[tuple[Component, str], Any] = {}
     feature_spaces: dict[Component, FeatureSpace | None] = {}
     checked: set[tuple[Component, Component, str | None, str, str]] = set()
@@ -110,18 +118,34 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
     context = MetricContext(model=model, model_id=model_id(cell.model.name, cell.model.kwargs, model),
                             samples=x, x_T=x_T, labels=labels, seed=cell.seed, stochastic=shards[0].stochastic,
                             references=references, shared=shared, feature_space=feature_space)
-    metrics = {}
-    for name in cell.metrics:
-        value = plugins.get("metric", name).obj.compute(context)
-        metrics[name] = None if value is None or not math.isfinite(value) else float(value)
+    metrics, metric_errors = {}, {}
+    for name in cell.metrics:  # a metric that fails is recorded as failed; the others are still measured
+        try:
+            metrics[name] = metric_value(name, plugins.get("metric", name).obj.compute(context))
+        except (KeyboardInterrupt, SystemExit, CellTimeout):
+            raise
+        except Exception as error:
+            metrics[name], metric_errors[name] = None, _failure(error)
     sizes = [len(shard.x) for shard in shards]
     nfe = sum(shard.nfe * size for shard, size in zip(shards, sizes)) / cell.n  # per sample; adaptive NFE varies
     model_evals = sum(shard.model_evals * size for shard, size in zip(shards, sizes)) / cell.n
     peaks = [shard.peak_memory_bytes for shard in shards if shard.peak_memory_bytes is not None]
     return {"nfe": nfe, "model_evals": model_evals, "steps": shards[0].plan.steps,
-            "seconds": sum(shard.seconds for shard in shards), "metrics": metrics,
+            "seconds": sum(shard.seconds for shard in shards), "metrics": metrics, "metric_errors": metric_errors,
             "batch_size": min(shard.batch_size for shard in shards), "peak_memory_bytes": max(peaks) if peaks else None,
             "grid_png": sample_grid_png(x) if x.dim() == 4 else None}
+
+
+def metric_value(name: str, value: Any) -> float | None:
+    """What a metric returned, as the row keeps it: a float, or None where it does not apply (or is not finite)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise BenchError(f"metric {name!r} returned {type(value).__name__} ({value!r:.60}); a metric returns a float, "
+                         "or None where it does not apply")
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
@@ -163,19 +187,28 @@ def _check_executor(executor: str, shards: int, ray_address: str | None, ray_wor
 
 def _failure(error: BaseException) -> str:
     message = f"{type(error).__name__}: {error}"
-    if not isinstance(error, (BenchError, FloatingPointError)):
+    if not isinstance(error, (BenchError, FloatingPointError, CellTimeout)):
         message += "\n" + "".join(traceback.format_tb(error.__traceback__)[-3:])
     return message
+
+
+def store_path(suite: Suite, out_dir: str | Path) -> Path:
+    return Path(out_dir) / f"{suite.name}.sqlite"
 
 
 def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
               progress: bool = True, executor: str = "local", shards: int = 1,
               ray_address: str | None = None, ray_workers: int | None = None,
-              rerun: Sequence[str] = ()) -> RunSummary:
+              rerun: Sequence[str] = (), cell_timeout: float | None = None) -> RunSummary:
     """Run every cell not yet done; the driver writes each row, in one transaction, as its cell finishes.
 
     A cell is done when the store holds a done row under its key, which covers its config and the code that computes
     it: edited code is recomputed. ``rerun`` globs (see ``matches``) recompute the cells they name anyway.
+
+    Runs sharing a store share its work: a cell is claimed just before it starts, so two runs (or two drivers)
+    never compute it twice, and a claim whose run died is taken over. A cell past its time limit (``cell_timeout``,
+    else the suite's, else DEFAULT_CELL_TIMEOUT) is stopped and recorded as failed, and the sweep goes on. On
+    KeyboardInterrupt the cell in flight is not recorded, its claim is released, and the interrupt propagates.
 
     ``executor="ray"`` runs each cell as ``shards`` Ray tasks over disjoint sample ranges (bench.sweep.executors); the
     samples, and so the rows, are the local executor's up to rounding, since every sample's noise depends on its
@@ -184,43 +217,68 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
     """
     plugins = plugins or manager()
     _check_executor(executor, shards, ray_address, ray_workers)
+    timeout = cell_timeout if cell_timeout is not None else (suite.cell_timeout or DEFAULT_CELL_TIMEOUT)
+    if not timeout > 0:
+        raise BenchError(f"cell_timeout must be > 0 seconds; got {timeout!r}")
     try:
         prepared = prepare(suite, plugins)  # before the store exists: bad input writes nothing
     except BenchError as error:
         raise BenchError(f"{suite.path}: {error}" if suite.path else str(error)) from None
     out_dir = Path(out_dir)
-    store_path = out_dir / f"{suite.name}.sqlite"
+    path = store_path(suite, out_dir)
+    remove_stale_temporaries(out_dir / "cache")
     references = ReferenceCache(out_dir / "cache")
     shared = SharedCache(out_dir / "cache")
     environments: dict[str, dict[str, Any]] = {}
+    claimant = new_claimant()
+    done = failed = skipped = 0
+    busy: list[Cell] = []
 
-    done = failed = 0
-    with Store(store_path) as store:
+    with Store(path) as store, Heartbeat(path, claimant):
         store.describe_metrics(plugins.get("metric", name).obj.info(name)
-                               for name in sorted({name for cell in suite.cells for name in cell.metrics}))
+                               for name in dict.fromkeys(name for cell in suite.cells for name in cell.metrics))
         finished = store.done_keys()
         pending = [cell for cell in suite.cells if cell.key not in finished or matches(cell, rerun)]
+        skipped = len(suite.cells) - len(pending)
+
+        def claim(cell: Cell) -> bool:
+            nonlocal skipped
+            outcome = store.claim(cell.key, claimant, redo=matches(cell, rerun))
+            if outcome == "busy":
+                busy.append(cell)
+            skipped += outcome == "done"  # done by another run since this one started
+            return outcome == "claimed"
+
         if executor == "local":
-            draws = local_draws(pending, prepared.models, plugins)
+            draws = local_draws(pending, prepared.models, plugins, claim, timeout)
         else:
-            draws = ray_draws(pending, plugins, shards, address=ray_address, workers=ray_workers)
-        bar = tqdm(draws, total=len(pending), desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
-        for cell, outputs in bar:
-            bar.set_postfix_str(cell.describe(), refresh=False)
-            cell_environment = environments.setdefault(cell.device, environment(cell.device))
-            grid_png = None
-            try:
-                if isinstance(outputs, BaseException):
-                    raise outputs
-                measured = measure(cell, prepared.models[cell.model, cell.device], outputs, references, shared,
-                                   plugins, prepared.feature_spaces[cell.model])
-                grid_png = measured.pop("grid_png")
-                row = schema.row(cell, cell_environment, measured)
-                done += 1
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as error:  # a broken cell is recorded, and the sweep goes on
-                row = schema.row(cell, cell_environment, error=_failure(error))
-                failed += 1
-            store.write(row, grid_png=grid_png)
-    return RunSummary(store=store_path, done=done, failed=failed, skipped=len(suite.cells) - len(pending))
+            draws = ray_draws(pending, plugins, claim, timeout, shards, address=ray_address, workers=ray_workers)
+        bar = tqdm(total=len(pending), desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
+        try:
+            for drawn in draws:
+                cell = drawn.cell
+                bar.set_postfix_str(cell.describe(), refresh=False)
+                grid_png = None
+                try:
+                    if isinstance(drawn.outputs, BaseException):
+                        raise drawn.outputs
+                    with time_limit(max(timeout - drawn.seconds, 1e-3), limit=timeout):
+                        measured = measure(cell, prepared.models[cell.model, cell.device], drawn.outputs,
+                                           references, shared, plugins, prepared.feature_spaces[cell.model])
+                    grid_png = measured.pop("grid_png")
+                    row = schema.row(cell, environments.setdefault(cell.device, environment(cell.device)), measured)
+                    done += 1
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except (Exception, CellTimeout) as error:  # a broken cell is recorded, and the sweep goes on
+                    row = schema.row(cell, environments.setdefault(cell.device, environment(cell.device)),
+                                     error=_failure(error))
+                    failed += 1
+                store.write(row, grid_png=grid_png, claimant=claimant)
+                bar.update()
+        except BaseException:
+            store.release_all(claimant)  # the cell in flight is not recorded: another run may take it at once
+            raise
+        finally:
+            bar.close()
+    return RunSummary(store=path, done=done, failed=failed, skipped=skipped, busy=len(busy))

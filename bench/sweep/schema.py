@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.sweep.cell import Cell
+if TYPE_CHECKING:  # the schema itself imports nothing of the harness
+    from bench.sweep.cell import Cell
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("seconds", "REAL", "sampling wall-clock of the cell, warm-up excluded"),
     Column("batch_size", "INTEGER", "the batch actually used"),
     Column("peak_memory_bytes", "INTEGER", "peak device memory while sampling (CUDA only)"),
-    Column("metrics", "TEXT NOT NULL", "JSON: metric name -> value (null where it does not apply)"),
+    Column("metrics", "TEXT NOT NULL", "JSON: metric name -> value (null where it does not apply or failed)"),
+    Column("metric_errors", "TEXT NOT NULL", "JSON: metric name -> why it failed (a failed metric spares the rest)"),
     Column("config", "TEXT NOT NULL", "JSON: the cell's config"),
     Column("code", "TEXT NOT NULL", "JSON: each plugin that took part, with distribution, version, source hash"),
     Column("environment", "TEXT NOT NULL", "JSON: device, torch, python, platform, git sha, threads"),
     Column("finished_at", "TEXT NOT NULL", "UTC time the row was written"),
 )
 NAMES = tuple(column.name for column in COLUMNS)
-JSON_COLUMNS = ("metrics", "config", "code", "environment")
+JSON_COLUMNS = ("metrics", "metric_errors", "config", "code", "environment")
 MEASURED = ("nfe", "model_evals", "steps", "seconds", "batch_size", "peak_memory_bytes")
 
 
@@ -65,7 +67,7 @@ def create_table_sql(table: str = "cells") -> str:
     return f"CREATE TABLE IF NOT EXISTS {table} (\n    {columns}\n)"
 
 
-def row(cell: Cell, environment: dict[str, Any], measured: dict[str, Any] | None = None,
+def row(cell: "Cell", environment: dict[str, Any], measured: dict[str, Any] | None = None,
         error: str | None = None) -> dict[str, Any]:
     """The row of a cell: done with its measured values, or failed with the reason (``error``)."""
     if (measured is None) == (error is None):
@@ -76,10 +78,10 @@ def row(cell: Cell, environment: dict[str, Any], measured: dict[str, Any] | None
         "nfe_budget": cell.nfe, "tolerance": cell.tolerance, "guidance": cell.guidance, "labels": cell.labels,
         "seed": cell.seed, "n": cell.n, "dtype": cell.dtype, "network_precision": cell.precision,
         "device": cell.device, "config": cell.config(), "code": json.loads(cell.code), "environment": environment,
-        "status": "done" if error is None else "failed", "error": error, "metrics": {},
+        "status": "done" if error is None else "failed", "error": error, "metrics": {}, "metric_errors": {},
         **{name: None for name in MEASURED},
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if measured is not None:
-        values.update({name: measured[name] for name in (*MEASURED, "metrics")})
+        values.update({name: measured[name] for name in (*MEASURED, "metrics", "metric_errors")})
     return values

@@ -15,6 +15,8 @@
     feature_extractor_weights_path = "..."   # Inception weights, for 3xHxW models without a feature space
     precision = ["fp32", "bf16"]  # the network's arithmetic: fp32, tf32, bf16, fp16 (a list is an axis)
     cuda_graph = true            # capture fixed-step solvers' loops as CUDA graphs (cuda only)
+    cell_timeout = 600           # seconds a cell may take before it is stopped and recorded as failed
+                                 # (default 3600; `samplerbench run --cell-timeout` overrides)
 
     [[models]]
     name = "gmm2d"
@@ -53,7 +55,7 @@ from bench.sweep.provenance import canonical_json, component_identity, harness_i
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
               "guidance", "guidance_type", "labels", "models", "solvers", "feature_extractor_weights_path",
-              "precision", "cuda_graph"}
+              "precision", "cuda_graph", "cell_timeout"}
 SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -65,6 +67,7 @@ class Suite:
     cells: list[Cell]
     description: str = ""
     feature_extractor_weights_path: str | None = None
+    cell_timeout: float | None = None  # None: bench.sweep.timeouts.DEFAULT_CELL_TIMEOUT
 
 
 def load_suite(path: str | Path, device: str | None = None, plugins: PluginManager | None = None) -> Suite:
@@ -124,6 +127,11 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
         raise BenchError(f"cuda_graph must be true or false; got {cuda_graph!r}")
     if cuda_graph and not device.startswith("cuda"):
         raise BenchError(f"cuda_graph = true needs device = \"cuda\"; got {device!r}")
+    cell_timeout = data.get("cell_timeout")
+    if cell_timeout is not None:
+        cell_timeout = float(_number(cell_timeout, "cell_timeout"))
+        if not 0 < cell_timeout < float("inf"):
+            raise BenchError(f"cell_timeout must be a number of seconds > 0; got {data['cell_timeout']!r}")
     weights_path = data.get("feature_extractor_weights_path")
     if weights_path is not None:
         weights_path = _string(weights_path, "feature_extractor_weights_path")
@@ -189,6 +197,7 @@ def parse_suite(data: dict[str, Any], *, default_name: str = "suite", device: st
             raise BenchError(f"the cell {cell.describe()} appears twice; remove the duplicate entry or value")
         seen[cell.config_key] = cell
     return Suite(name=name, path=path, cells=cells, description=str(data.get("description", "")),
+                 cell_timeout=cell_timeout,
                  feature_extractor_weights_path=weights_path)
 
 
