@@ -1,11 +1,48 @@
 """Per-sample Gaussian noise from a counter-based generator.
 
-Every number is a pure function of (seed, stream, sample index, element index), so sample i of seed s gets the
-same x_T and the same per-step noise whatever the batch size, the batch it falls in, the device or the executor.
-It is vectorised over the whole batch, so stochastic solvers draw their per-step noise without a per-sample loop
-or a host sync. The hash is Chris Wellons' "lowbias32" (a 32-bit integer finaliser with very low bias), written
-with 16-bit partial products so that no int64 product ever overflows; Box-Muller turns pairs of uniforms into
-normals in float64.
+Guarantees
+----------
+Every number is a pure function of (seed, stream, sample index, element index) for a given sample shape, so
+sample i of seed s gets the same x_T and the same per-step noise whatever the batch size, the batch it falls in,
+the order of the indices, the device or the executor. The integer part (the random bits) is bit-identical on every
+device; the floating-point part differs across devices only by the last-ulp differences of their log/sin/cos.
+``gaussian`` is vectorised over the batch (no per-sample Python loop), never syncs with the host, does no
+host-to-device copy and keeps every shape static, so it can be captured in a CUDA graph. Seeds are taken modulo
+2**64, sample indices modulo 2**64 (any int64, though they are meant to be >= 0), streams modulo 2**64.
+
+The generator (``GENERATOR``, for cache keys: it changes whenever the numbers do)
+-----------------------------------------------------------------------------------
+A sample's key is 64 bits, two 32-bit lanes, from (seed, stream, index): the (seed, stream) part is hashed on
+Python ints into a 63-bit salt per lane, so it costs no device work; on the device each lane hashes the index
+xor its salt, key[lane] = lowbias32(low ^ (high * 0x7FEB352D mod 2**32)) of its low and high 32 bits. For indices
+below 2**32 that is a bijection, so the samples of one (seed, stream) never share a key; two rows of different
+streams or seeds share both keys with probability 2**-64 (with a 32-bit key, as in v1, a run of 50k samples and
+256 stochastic steps would hold some 19,000 pairs of identical noise rows). Pair p of a sample takes one 32-bit
+word from each lane::
+
+    word(lane, p) = lowbias32(key[lane] ^ lowbias32(2 * p + lane))
+
+lowbias32 is Chris Wellons' 32-bit integer hash (two xorshift-multiply rounds with very low avalanche bias). Both
+its multipliers are below 2**31, so a 32-bit word times either is below 2**63: the products are exact in int64, no
+multiplication ever overflows (signed overflow would be undefined behaviour in C++), and only int64 ``^ & >> *``
+are used, which every device supports. The first xorshift of lowbias32 is linear, so it is applied to the key and
+to the per-pair word separately, on [batch] and [pairs] tensors, not on the [batch, pairs] product.
+
+Box-Muller turns the two words of a pair into two normals: the lane-0 word w gives the radius from
+u = (w + 1/2) / 2**32 in (0, 1], sqrt(-2 ln u), the lane-1 word the angle 2 pi w / 2**32; element p < P of a sample
+is r cos(angle), element P + p is r sin(angle), with P = ceil(numel / 2). Both uniforms have 32 bits, so
+|z| <= sqrt(-2 ln 2**-33) = 6.76 (torch.randn's 24-bit uniforms stop at 5.77: P(|z| > 5.77) = 8e-9), and float32
+and float64 output come from the same bits: float64 output is the exact Box-Muller of the 32-bit uniforms, float32
+output is its float32 version (the same numbers to float32 precision; float16 and bfloat16 are cast from float32).
+
+Cost (bench/tools/noise_cost.py)
+--------------------------------
+The int64 multiply is the dearest op on the CPU (torch emulates it element by element), so the design counts
+multiplies: two per 32-bit word, none on the [batch, pairs] tensor beyond lowbias32's own. A torch op streams its
+whole tensor through memory, and the ~20 ops per pair would each re-read tensors far larger than the L2 cache; on
+the CPU the work is therefore cut into blocks of about ``CPU_BLOCK_PAIRS`` pairs (whole rows while a row fits, so
+every op runs over long contiguous runs), which made it 3x faster than one pass over the batch. The number of
+blocks is static for a given batch and shape; on other devices the whole batch is one block.
 """
 
 from __future__ import annotations
@@ -15,59 +52,127 @@ import math
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
+GENERATOR = "lowbias32-boxmuller-v2"  # v1: one 32-bit key per sample, uniforms from lowbias32(key ^ lowbias32(i))
 X_T_STREAM = 0  # the initial noise; solvers draw their per-step noise from streams 1, 2, ...
+CPU_BLOCK_PAIRS = 1 << 15  # ~1.5 MB of buffers per block: fits the L2 cache of one core
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_LOWBIAS_MUL1, _LOWBIAS_MUL2 = 0x21F0AAAD, 0x735A2D97  # both < 2**31: exact products with 32-bit words in int64
+_HIGH_HALF_MUL = 0x7FEB352D  # odd, < 2**31
 
 
-def _mul32(a: Tensor, constant: int) -> Tensor:
-    """(a * constant) mod 2**32 for a < 2**32, from 16-bit halves of the constant (no int64 overflow)."""
-    low, high = constant & 0xFFFF, constant >> 16
-    return (a * low + (((a * high) & 0xFFFF) << 16)) & _MASK32
-
-
-def _hash32(a: Tensor) -> Tensor:
-    a = a ^ (a >> 16)
-    a = _mul32(a, 0x21F0AAAD)
-    a = a ^ (a >> 15)
-    a = _mul32(a, 0x735A2D97)
-    return a ^ (a >> 15)
-
-
-def _hash32_int(a: int) -> int:
-    """_hash32 on a Python int: the (seed, stream) part of a key needs no device work, nor a host-to-device copy
-    (which a CUDA graph could not capture)."""
+def _lowbias32_int(a: int) -> int:
     a ^= a >> 16
-    a = (a * 0x21F0AAAD) & _MASK32
+    a = (a * _LOWBIAS_MUL1) & _MASK32
     a ^= a >> 15
-    a = (a * 0x735A2D97) & _MASK32
+    a = (a * _LOWBIAS_MUL2) & _MASK32
     return a ^ (a >> 15)
 
 
-def _key(seed: int, stream: int, indices: Tensor) -> Tensor:
-    """One 32-bit key per sample from (seed, stream, sample index)."""
-    seed_key = _hash32_int(_hash32_int((seed & _MASK32) ^ 0x9E3779B9) ^ ((seed >> 32) & _MASK32))
-    stream_key = _hash32_int(seed_key ^ (stream & _MASK32))
-    return _hash32(stream_key ^ _hash32(indices & _MASK32) ^ _hash32((indices >> 32) + 0x85EBCA6B))
+def _mix64_int(z: int) -> int:
+    """SplitMix64's finaliser on a Python int: a bijection of 64-bit values."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _lane_salts(seed: int, stream: int) -> tuple[int, int]:
+    """Two 63-bit salts from (seed, stream), hashed on the host: a bijection of the seed for a fixed stream and of
+    the stream for a fixed seed. 63 bits keep index ^ salt a valid int64."""
+    state = _mix64_int(_mix64_int(seed & _MASK64) ^ (stream & _MASK64))
+    return _mix64_int(state ^ 0x9E3779B97F4A7C15) >> 1, _mix64_int(state ^ 0x3C6EF372FE94F82A) >> 1
+
+
+def _xorshift_(x: Tensor, shift: int, scratch: Tensor) -> Tensor:
+    """x ^= x >> shift in place; x holds 32-bit words (>= 0), so the arithmetic shift is the logical one."""
+    torch.bitwise_right_shift(x, shift, out=scratch)
+    return x.bitwise_xor_(scratch)
+
+
+def _lowbias32_rest_(x: Tensor, scratch: Tensor) -> Tensor:
+    """lowbias32 after its first xorshift, in place on int64 32-bit words."""
+    x.mul_(_LOWBIAS_MUL1).bitwise_and_(_MASK32)
+    _xorshift_(x, 15, scratch)
+    x.mul_(_LOWBIAS_MUL2).bitwise_and_(_MASK32)
+    return _xorshift_(x, 15, scratch)
+
+
+def _keys_and_pair_words(seed: int, stream: int, indices: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """The two halves of every word's input, each already through lowbias32 and then through the first (linear)
+    xorshift of the outer lowbias32: keys [batch, 2, 1], one 32-bit key per sample and lane, and pair words
+    [2, len(pairs)], lowbias32(2 p + lane). Both are hashed in one pass: on tensors this small an op costs its
+    dispatch, not its arithmetic."""
+    salt0, salt1 = _lane_salts(seed, stream)
+    salted = torch.stack([indices ^ salt0, indices ^ salt1], dim=1)  # [batch, 2]: a 64-bit input per lane
+    high = ((salted >> 32) & _MASK32).mul_(_HIGH_HALF_MUL).bitwise_and_(_MASK32)  # spreads bits 32-63 ...
+    key_inputs = (salted & _MASK32).bitwise_xor_(high)  # ... over all 32 bits, differently in each lane
+    counters = torch.stack([2 * pairs, 2 * pairs + 1])
+    hashed = torch.cat([key_inputs.flatten(), counters.flatten()])
+    hashed.bitwise_xor_(hashed >> 16)
+    _lowbias32_rest_(hashed, torch.empty_like(hashed))
+    hashed.bitwise_xor_(hashed >> 16)
+    batch = len(indices)
+    return hashed[:2 * batch].view(batch, 2, 1), hashed[2 * batch:].view(2, len(pairs))
+
+
+def words(seed: int, indices: Tensor, pairs: Tensor, *, stream: int = X_T_STREAM) -> Tensor:
+    """The random bits behind ``gaussian``: int64 [len(indices), 2, len(pairs)], the 32-bit words of the given
+    Box-Muller pairs of the given samples, lane 0 for the radius, lane 1 for the angle. Bit-identical on every
+    device."""
+    keys, pair_words = _keys_and_pair_words(seed, stream, indices.to(torch.int64), pairs.to(torch.int64))
+    out = torch.bitwise_xor(keys, pair_words)
+    return _lowbias32_rest_(out, torch.empty_like(out))
+
+
+def _block_shape(batch: int, pairs: int, device: torch.device) -> tuple[int, int]:
+    """(rows, pairs) per block: the whole batch off the CPU; on the CPU about CPU_BLOCK_PAIRS pairs, whole rows
+    while a row fits, the rows spread evenly over the blocks (no near-empty last block)."""
+    if device.type != "cpu":
+        return max(batch, 1), max(pairs, 1)
+    cols = max(1, min(pairs, CPU_BLOCK_PAIRS))
+    row_blocks = math.ceil(batch / max(1, CPU_BLOCK_PAIRS // cols))
+    return max(1, math.ceil(batch / max(row_blocks, 1))), cols
 
 
 def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int = X_T_STREAM,
              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
     """Standard normal noise of shape [len(indices), *shape]; row j belongs to sample ``indices[j]`` of ``seed``."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"gaussian noise needs a floating dtype, not {dtype}")
     device = torch.device(device) if device is not None else indices.device
     indices = indices.to(device=device, dtype=torch.int64)
-    numel = math.prod(shape)
+    batch, numel = len(indices), math.prod(shape)
     pairs = (numel + 1) // 2
-    key = _key(seed, stream, indices)[:, None]
-    counter = torch.arange(pairs, dtype=torch.int64, device=device)[None, :] * 2
-    bits_a = _hash32(key ^ _hash32(counter))
-    bits_b = _hash32(key ^ _hash32(counter + 1))
-    # uniforms in (0, 1]: never log(0)
-    u_a = (bits_a.to(torch.float64) + 1.0) / 4294967296.0
-    u_b = bits_b.to(torch.float64) / 4294967296.0
-    radius = torch.sqrt(-2.0 * torch.log(u_a))
-    angle = 2.0 * math.pi * u_b
-    normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel]
-    return normal.reshape(len(indices), *shape).to(dtype)
+    if pairs > 2**31:
+        raise ValueError(f"at most 2**32 elements per sample, not {numel}")
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    keys, pair_words = _keys_and_pair_words(seed, stream, indices, torch.arange(pairs, device=device))
+    half_step = torch.full((), 2.0**-33, dtype=compute, device=device)
+    normal = torch.empty(batch, 2, pairs, dtype=compute, device=device)  # per sample: the cosines, then the sines
+    rows, cols = _block_shape(batch, pairs, device)
+    word_buffer = torch.empty(rows, 2, cols, dtype=torch.int64, device=device)
+    scratch = torch.empty_like(word_buffer)
+    uniform_buffer = torch.empty(rows, 2, cols, dtype=compute, device=device)
+    for row in range(0, batch, rows):
+        row_end = min(batch, row + rows)
+        for col in range(0, pairs, cols):
+            col_end = min(pairs, col + cols)
+            block = (slice(0, row_end - row), slice(None), slice(0, col_end - col))
+            x, uniform = word_buffer[block], uniform_buffer[block]
+            torch.bitwise_xor(keys[row:row_end], pair_words[:, col:col_end], out=x)
+            _lowbias32_rest_(x, scratch[block])
+            uniform.copy_(x)  # exact in float64; float32 rounds to 24 significant bits
+            radius, angle = uniform[:, 0], uniform[:, 1]
+            torch.add(half_step, radius, alpha=2.0**-32, out=radius)  # u = (w + 1/2) / 2**32 in (0, 1]
+            radius.log_().mul_(-2.0).sqrt_()
+            angle.mul_(2.0 * math.pi * 2.0**-32)
+            out = normal[row:row_end, :, col:col_end]
+            torch.cos(angle, out=out[:, 0])
+            torch.sin(angle, out=out[:, 1])
+            out.mul_(radius[:, None])
+    # an odd numel drops the last sine of each sample (a copy, only then)
+    return normal.view(batch, 2 * pairs)[:, :numel].reshape(batch, *shape).to(dtype)
 
 
 class NoiseStream:
