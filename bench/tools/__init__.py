@@ -1,0 +1,1 @@
+"""Command-line tools for measuring parts of the harness (run them with ``python -m bench.tools.<name>``)."""
