@@ -105,9 +105,9 @@ def _keys_and_pair_words(seed: int, stream: int, indices: Tensor, pairs: Tensor)
     dispatch, not its arithmetic."""
     salt0, salt1 = _lane_salts(seed, stream)
     salted = torch.stack([indices ^ salt0, indices ^ salt1], dim=1)  # [batch, 2]: a 64-bit input per lane
-    high = ((salted >> 32) & _MASK32).mul_(_HIGH_HALF_MUL).bitwise_and_(_MASK32)  # spreads bits 32-63 ...
-    key_inputs = (salted & _MASK32).bitwise_xor_(high)  # ... over all 32 bits, differently in each lane
-    counters = torch.stack([2 * pairs, 2 * pairs + 1])
+    # bits 32-63 spread over all 32 bits, differently in each lane (|high| < 2**31: the product is exact)
+    key_inputs = (salted >> 32).mul_(_HIGH_HALF_MUL).bitwise_xor_(salted).bitwise_and_(_MASK32)
+    counters = 2 * pairs + torch.arange(2, dtype=torch.int64, device=pairs.device)[:, None]
     hashed = torch.cat([key_inputs.flatten(), counters.flatten()])
     hashed.bitwise_xor_(hashed >> 16)
     _lowbias32_rest_(hashed, torch.empty_like(hashed))
@@ -126,13 +126,15 @@ def words(seed: int, indices: Tensor, pairs: Tensor, *, stream: int = X_T_STREAM
 
 
 def _block_shape(batch: int, pairs: int, device: torch.device) -> tuple[int, int]:
-    """(rows, pairs) per block: the whole batch off the CPU; on the CPU about CPU_BLOCK_PAIRS pairs, whole rows
-    while a row fits, the rows spread evenly over the blocks (no near-empty last block)."""
+    """(rows, pairs) per block: the whole batch off the CPU; on the CPU about CPU_BLOCK_PAIRS pairs per thread
+    (torch splits each op over its threads, each with its own L2 cache), whole rows while a row fits, the rows
+    spread evenly over the blocks (no near-empty last block)."""
     if device.type != "cpu":
         return max(batch, 1), max(pairs, 1)
-    cols = max(1, min(pairs, CPU_BLOCK_PAIRS))
-    row_blocks = math.ceil(batch / max(1, CPU_BLOCK_PAIRS // cols))
-    return max(1, math.ceil(batch / max(row_blocks, 1))), cols
+    block_pairs = CPU_BLOCK_PAIRS * torch.get_num_threads()
+    cols = max(1, min(pairs, block_pairs))
+    row_blocks = max(1, math.ceil(batch * cols / block_pairs))
+    return max(1, math.ceil(batch / row_blocks)), cols
 
 
 def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int = X_T_STREAM,
@@ -151,28 +153,33 @@ def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int 
     half_step = torch.full((), 2.0**-33, dtype=compute, device=device)
     normal = torch.empty(batch, 2, pairs, dtype=compute, device=device)  # per sample: the cosines, then the sines
     rows, cols = _block_shape(batch, pairs, device)
-    word_buffer = torch.empty(rows, 2, cols, dtype=torch.int64, device=device)
-    scratch = torch.empty_like(word_buffer)
-    uniform_buffer = torch.empty(rows, 2, cols, dtype=compute, device=device)
+    buffers = (torch.empty(rows, 2, cols, dtype=torch.int64, device=device),
+               torch.empty(rows, 2, cols, dtype=torch.int64, device=device),
+               torch.empty(rows, 2, cols, dtype=compute, device=device))
+    views = {}  # per block shape (at most four: full, last rows, last pairs, both); a view costs a dispatch too
     for row in range(0, batch, rows):
-        row_end = min(batch, row + rows)
+        block_rows = min(rows, batch - row)
+        row_keys, row_normal = keys.narrow(0, row, block_rows), normal.narrow(0, row, block_rows)
         for col in range(0, pairs, cols):
-            col_end = min(pairs, col + cols)
-            block = (slice(0, row_end - row), slice(None), slice(0, col_end - col))
-            x, uniform = word_buffer[block], uniform_buffer[block]
-            torch.bitwise_xor(keys[row:row_end], pair_words[:, col:col_end], out=x)
-            _lowbias32_rest_(x, scratch[block])
+            block_cols = min(cols, pairs - col)
+            if (block_rows, block_cols) not in views:
+                x, scratch, uniform = (buffer[:block_rows, :, :block_cols] for buffer in buffers)
+                radius, angle = uniform.select(1, 0), uniform.select(1, 1)
+                views[block_rows, block_cols] = x, scratch, uniform, radius, angle, radius.unsqueeze(1)
+            x, scratch, uniform, radius, angle, radius_both = views[block_rows, block_cols]
+            torch.bitwise_xor(row_keys, pair_words.narrow(1, col, block_cols), out=x)
+            _lowbias32_rest_(x, scratch)
             uniform.copy_(x)  # exact in float64; float32 rounds to 24 significant bits
-            radius, angle = uniform[:, 0], uniform[:, 1]
             torch.add(half_step, radius, alpha=2.0**-32, out=radius)  # u = (w + 1/2) / 2**32 in (0, 1]
             radius.log_().mul_(-2.0).sqrt_()
             angle.mul_(2.0 * math.pi * 2.0**-32)
-            out = normal[row:row_end, :, col:col_end]
-            torch.cos(angle, out=out[:, 0])
-            torch.sin(angle, out=out[:, 1])
-            out.mul_(radius[:, None])
-    # an odd numel drops the last sine of each sample (a copy, only then)
-    return normal.view(batch, 2 * pairs)[:, :numel].reshape(batch, *shape).to(dtype)
+            out = row_normal.narrow(2, col, block_cols)
+            torch.cos(angle, out=out.select(1, 0))
+            torch.sin(angle, out=out.select(1, 1))
+            out.mul_(radius_both)
+    if numel % 2:  # drop the last sine of each sample (a copy, only for an odd numel)
+        return normal.view(batch, 2 * pairs)[:, :numel].reshape(batch, *shape).to(dtype)
+    return normal.view(batch, *shape).to(dtype)
 
 
 class NoiseStream:
