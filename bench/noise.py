@@ -153,9 +153,10 @@ def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int 
     half_step = torch.full((), 2.0**-33, dtype=compute, device=device)
     normal = torch.empty(batch, 2, pairs, dtype=compute, device=device)  # per sample: the cosines, then the sines
     rows, cols = _block_shape(batch, pairs, device)
-    buffers = (torch.empty(rows, 2, cols, dtype=torch.int64, device=device),
-               torch.empty(rows, 2, cols, dtype=torch.int64, device=device),
-               torch.empty(rows, 2, cols, dtype=compute, device=device))
+    word_buffer = torch.empty(rows, 2, cols, dtype=torch.int64, device=device)
+    scratch_buffer = torch.empty(rows, 2, cols, dtype=torch.int64, device=device)
+    # the uniforms live in the scratch memory, free once the words are hashed: a smaller block in the cache
+    buffers = (word_buffer, scratch_buffer, scratch_buffer.view(compute)[..., :cols])
     views = {}  # per block shape (at most four: full, last rows, last pairs, both); a view costs a dispatch too
     for row in range(0, batch, rows):
         block_rows = min(rows, batch - row)
