@@ -62,14 +62,6 @@ _LOWBIAS_MUL1, _LOWBIAS_MUL2 = 0x21F0AAAD, 0x735A2D97  # both < 2**31: exact pro
 _HIGH_HALF_MUL = 0x7FEB352D  # odd, < 2**31
 
 
-def _lowbias32_int(a: int) -> int:
-    a ^= a >> 16
-    a = (a * _LOWBIAS_MUL1) & _MASK32
-    a ^= a >> 15
-    a = (a * _LOWBIAS_MUL2) & _MASK32
-    return a ^ (a >> 15)
-
-
 def _mix64_int(z: int) -> int:
     """SplitMix64's finaliser on a Python int: a bijection of 64-bit values."""
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -98,29 +90,30 @@ def _lowbias32_rest_(x: Tensor, scratch: Tensor) -> Tensor:
     return _xorshift_(x, 15, scratch)
 
 
-def _keys_and_pair_words(seed: int, stream: int, indices: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
+def _keys_and_pair_words(seed: int, stream: int, indices: Tensor, counters: Tensor) -> tuple[Tensor, Tensor]:
     """The two halves of every word's input, each already through lowbias32 and then through the first (linear)
     xorshift of the outer lowbias32: keys [batch, 2, 1], one 32-bit key per sample and lane, and pair words
-    [2, len(pairs)], lowbias32(2 p + lane). Both are hashed in one pass: on tensors this small an op costs its
-    dispatch, not its arithmetic."""
+    [2, pairs], lowbias32 of the word counters [pairs, 2] (2 p + lane, below 2**32). Both are hashed in one pass:
+    on tensors this small an op costs its dispatch, not its arithmetic."""
     salt0, salt1 = _lane_salts(seed, stream)
     salted = torch.stack([indices ^ salt0, indices ^ salt1], dim=1)  # [batch, 2]: a 64-bit input per lane
     # bits 32-63 spread over all 32 bits, differently in each lane (|high| < 2**31: the product is exact)
     key_inputs = (salted >> 32).mul_(_HIGH_HALF_MUL).bitwise_xor_(salted).bitwise_and_(_MASK32)
-    counters = 2 * pairs + torch.arange(2, dtype=torch.int64, device=pairs.device)[:, None]
-    hashed = torch.cat([key_inputs.flatten(), counters.flatten()])
+    hashed = torch.cat([key_inputs, counters])
     hashed.bitwise_xor_(hashed >> 16)
     _lowbias32_rest_(hashed, torch.empty_like(hashed))
     hashed.bitwise_xor_(hashed >> 16)
     batch = len(indices)
-    return hashed[:2 * batch].view(batch, 2, 1), hashed[2 * batch:].view(2, len(pairs))
+    return hashed[:batch].unsqueeze(2), hashed[batch:].T.contiguous()
 
 
-def words(seed: int, indices: Tensor, pairs: Tensor, *, stream: int = X_T_STREAM) -> Tensor:
+def random_words(seed: int, indices: Tensor, pairs: Tensor, *, stream: int = X_T_STREAM) -> Tensor:
     """The random bits behind ``gaussian``: int64 [len(indices), 2, len(pairs)], the 32-bit words of the given
-    Box-Muller pairs of the given samples, lane 0 for the radius, lane 1 for the angle. Bit-identical on every
-    device."""
-    keys, pair_words = _keys_and_pair_words(seed, stream, indices.to(torch.int64), pairs.to(torch.int64))
+    Box-Muller pairs (0 <= pair < 2**31) of the given samples, lane 0 for the radius, lane 1 for the angle.
+    Bit-identical on every device."""
+    pairs = pairs.to(torch.int64)
+    counters = torch.stack([2 * pairs, 2 * pairs + 1], dim=1) & _MASK32
+    keys, pair_words = _keys_and_pair_words(seed, stream, indices.to(torch.int64), counters)
     out = torch.bitwise_xor(keys, pair_words)
     return _lowbias32_rest_(out, torch.empty_like(out))
 
@@ -149,7 +142,8 @@ def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int 
     if pairs > 2**31:
         raise ValueError(f"at most 2**32 elements per sample, not {numel}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    keys, pair_words = _keys_and_pair_words(seed, stream, indices, torch.arange(pairs, device=device))
+    counters = torch.arange(2 * pairs, dtype=torch.int64, device=device).view(pairs, 2)  # 2 p + lane
+    keys, pair_words = _keys_and_pair_words(seed, stream, indices, counters)
     half_step = torch.full((), 2.0**-33, dtype=compute, device=device)
     normal = torch.empty(batch, 2, pairs, dtype=compute, device=device)  # per sample: the cosines, then the sines
     rows, cols = _block_shape(batch, pairs, device)
@@ -168,13 +162,14 @@ def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int 
                 radius, angle = uniform.select(1, 0), uniform.select(1, 1)
                 views[block_rows, block_cols] = x, scratch, uniform, radius, angle, radius.unsqueeze(1)
             x, scratch, uniform, radius, angle, radius_both = views[block_rows, block_cols]
-            torch.bitwise_xor(row_keys, pair_words.narrow(1, col, block_cols), out=x)
+            whole_rows = block_cols == pairs  # the usual case: no column views to make
+            torch.bitwise_xor(row_keys, pair_words if whole_rows else pair_words.narrow(1, col, block_cols), out=x)
             _lowbias32_rest_(x, scratch)
             uniform.copy_(x)  # exact in float64; float32 rounds to 24 significant bits
             torch.add(half_step, radius, alpha=2.0**-32, out=radius)  # u = (w + 1/2) / 2**32 in (0, 1]
             radius.log_().mul_(-2.0).sqrt_()
             angle.mul_(2.0 * math.pi * 2.0**-32)
-            out = row_normal.narrow(2, col, block_cols)
+            out = row_normal if whole_rows else row_normal.narrow(2, col, block_cols)
             torch.cos(angle, out=out.select(1, 0))
             torch.sin(angle, out=out.select(1, 1))
             out.mul_(radius_both)
