@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 
 import bench.noise
-from bench.noise import GENERATOR, NoiseStream, gaussian, words
+from bench.noise import GENERATOR, NoiseStream, gaussian, random_words
 
 # --- the generator's definition, on Python ints (exact): bench.noise must match it bit for bit -------------------
 M32, M64 = 2**32 - 1, 2**64 - 1
@@ -64,7 +64,7 @@ def test_words_match_the_python_reference_bit_for_bit():
     checked = 0
     for seed in seeds:
         for stream in rng.sample(streams, 2):
-            got = words(seed, torch.tensor(indices), torch.tensor(pairs), stream=stream)
+            got = random_words(seed, torch.tensor(indices), torch.tensor(pairs), stream=stream)
             want = [[[reference_word(seed, stream, index, pair, lane) for pair in pairs] for lane in (0, 1)]
                     for index in indices]
             assert got.tolist() == want, (seed, stream)
@@ -82,7 +82,7 @@ def test_gaussian_is_the_box_muller_of_the_words():
 def test_known_values_pin_the_generator_version():
     """If this fails the numbers changed: bump GENERATOR (callers put it in their cache keys) and update both."""
     assert GENERATOR == "lowbias32-boxmuller-v2"
-    assert words(0, torch.tensor([0, 1]), torch.tensor([0])).flatten().tolist() == [
+    assert random_words(0, torch.tensor([0, 1]), torch.tensor([0])).flatten().tolist() == [
         reference_word(0, 0, index, 0, lane) for index in (0, 1) for lane in (0, 1)]
     torch.testing.assert_close(gaussian(0, torch.tensor([0]), (4,), dtype=torch.float64),
                                torch.tensor([reference_normals(0, 0, 0, 4)], dtype=torch.float64))
@@ -170,11 +170,11 @@ def test_bits_are_balanced_and_flip_independently_between_samples_streams_and_se
     """Each bit of the words is 1 half the time, and between neighbouring samples, far-apart samples (differing
     only above bit 32), neighbouring streams and neighbouring seeds each bit flips half the time (avalanche)."""
     indices, pairs = torch.arange(1000), torch.arange(512)
-    base = words(9, indices, pairs, stream=4)
+    base = random_words(9, indices, pairs, stream=4)
     tolerance = 5 * 0.5 / math.sqrt(base.numel())
     assert (_bit_frequencies(base) - 0.5).abs().max() < tolerance
-    for other in (words(9, indices + 1, pairs, stream=4), words(9, indices + 2**32, pairs, stream=4),
-                  words(9, indices, pairs, stream=5), words(10, indices, pairs, stream=4)):
+    for other in (random_words(9, indices + 1, pairs, stream=4), random_words(9, indices + 2**32, pairs, stream=4),
+                  random_words(9, indices, pairs, stream=5), random_words(10, indices, pairs, stream=4)):
         assert (_bit_frequencies(base ^ other) - 0.5).abs().max() < tolerance
     # the two lanes of a pair, and neighbouring pairs, flip independently too
     assert (_bit_frequencies(base[:, 0] ^ base[:, 1]) - 0.5).abs().max() < 2 * tolerance
@@ -213,8 +213,8 @@ def test_integer_dtypes_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_draws_the_cpu_bits():
     indices, pairs = torch.tensor(EXTREME_INDICES + list(range(100))), torch.tensor(EXTREME_PAIRS + list(range(100)))
-    assert torch.equal(words(2**64 - 1, indices.cuda(), pairs.cuda(), stream=3).cpu(),
-                       words(2**64 - 1, indices, pairs, stream=3))
+    assert torch.equal(random_words(2**64 - 1, indices.cuda(), pairs.cuda(), stream=3).cpu(),
+                       random_words(2**64 - 1, indices, pairs, stream=3))
     cpu = gaussian(4, indices, (3, 7, 5), dtype=torch.float64)
     torch.testing.assert_close(gaussian(4, indices.cuda(), (3, 7, 5), dtype=torch.float64).cpu(), cpu,
                                rtol=1e-13, atol=1e-13)
