@@ -151,7 +151,7 @@ def gaussian(seed: int, indices: Tensor, shape: tuple[int, ...], *, stream: int 
     scratch_buffer = torch.empty(rows, 2, cols, dtype=torch.int64, device=device)
     # the uniforms live in the scratch memory, free once the words are hashed: a smaller block in the cache
     buffers = (word_buffer, scratch_buffer, scratch_buffer.view(compute)[..., :cols])
-    views = {}  # per block shape (at most four: full, last rows, last pairs, both); a view costs a dispatch too
+    views: dict[tuple[int, int], tuple[Tensor, ...]] = {}  # per block shape (at most 4): a view costs a dispatch too
     for row in range(0, batch, rows):
         block_rows = min(rows, batch - row)
         row_keys, row_normal = keys.narrow(0, row, block_rows), normal.narrow(0, row, block_rows)
