@@ -39,10 +39,11 @@ the same transform of the same bits in float32 (u rounded to 24 significant bits
 Cost (python -m bench.tools.noise_cost)
 ---------------------------------------
 The int64 multiply is torch's dearest integer op on the CPU (about 1 ns an element here, 3-4 times an xor; four
-per pair), so hashing costs about what the Box-Muller transform does. Each of the ~18 elementwise ops of a block is a pass over memory,
-so on the CPU the batch is cut into blocks of about ``CPU_BLOCK_PAIRS`` pairs per thread whose buffers (40 bytes a
-pair) stay in the core's L2 cache from one op to the next: twice as fast as one pass over a batch of 1024 3x32x32
-samples. The blocks change no bit (every op is elementwise; tested); off the CPU the batch is one block.
+per pair), so hashing costs about what the Box-Muller transform does. Each of the ~18 elementwise ops of a block
+is a pass over memory, so on the CPU the batch is cut into blocks of about ``CPU_BLOCK_PAIRS`` pairs per thread
+whose buffers (40 bytes a pair) stay in the core's L2 cache from one op to the next: twice as fast as one pass
+over a batch of 1024 3x32x32 samples. The blocks change no bit (every op is elementwise; tested); off the CPU the
+batch is one block.
 """
 
 from __future__ import annotations
