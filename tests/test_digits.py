@@ -1,8 +1,12 @@
 """The digits model and its feature network: verified loading, the shipped weights' quality, torch-fidelity's
 code path for features, and the recipe that made them (a few steps of it)."""
 
+import ast
+import graphlib
+import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +14,18 @@ import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import bench
-from bench.adapters.checkpoints import load_verified, read_manifest, record_evaluation, save_checkpoint, sha256_hex
+from bench.adapters.checkpoints import (load_verified, pretrained_dir, read_manifest, record_evaluation, save_checkpoint,
+                                        sha256_hex)
 from bench.measure.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
 from bench.measure.reference import ReferenceCache
+from bench.sweep.provenance import _related_modules, defining_module
 from bench.registry import manager
-from plugins import digits
-from plugins.digits import (CLASSIFIER_NAME, FEATURE_EXTRACTOR_NAME, MODEL_NAME, RECIPE, DigitsFeatureExtractor,
-                            digits_split, draw_training_images, from_uint8, frechet_distance, to_uint8,
-                            training_data_sha256)
+from plugins.digits.data import digits_split, draw_training_images, from_uint8, to_uint8, training_data_sha256
+from plugins.digits.denoiser import SIGMA_DATA, load_digits_model
+from plugins.digits.evaluate import fid
+from plugins.digits.features import FEATURE_EXTRACTOR_NAME, DigitsFeatureExtractor
+from plugins.digits.train import train_classifier, train_denoiser, train_recipe
+from plugins.digits.weights import CLASSIFIER_NAME, MODEL_NAME, RECIPE
 
 # of 200 conditional Heun samples at NFE 35 read as their label: the shipped model gives 0.995 to 1.0 over seeds 0-4
 CLASS_ACCURACY_THRESHOLD = 0.95
@@ -47,7 +55,7 @@ def copy_shipped(directory, names=(MODEL_NAME, CLASSIFIER_NAME)):
     """The shipped checkpoints and a manifest of just them, copied into ``directory``."""
     manifest = read_manifest()
     for name in names:
-        shutil.copy(digits.pretrained_dir() / manifest[name]["file"], directory / manifest[name]["file"])
+        shutil.copy(pretrained_dir() / manifest[name]["file"], directory / manifest[name]["file"])
     (directory / "manifest.json").write_text(json.dumps({name: manifest[name] for name in names}))
     return manifest
 
@@ -72,14 +80,14 @@ def test_a_tampered_checkpoint_is_refused_naming_the_file_and_both_hashes(tmp_pa
 
 def test_missing_checkpoints_name_what_to_run(tmp_path):
     with pytest.raises(bench.BenchError, match="samplerbench train digits"):  # no manifest at all
-        digits.load_digits_model(directory=tmp_path)
+        load_digits_model(directory=tmp_path)
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(bench.BenchError, match="not in .*samplerbench train digits"):  # no entry
-        digits.load_digits_model(directory=tmp_path)
+        load_digits_model(directory=tmp_path)
     copy_shipped(tmp_path)
     (tmp_path / read_manifest()[MODEL_NAME]["file"]).unlink()
     with pytest.raises(bench.BenchError, match="missing.*samplerbench train digits"):  # entry, but no file
-        digits.load_digits_model(directory=tmp_path)
+        load_digits_model(directory=tmp_path)
 
 
 def test_save_checkpoint_round_trips_and_keeps_other_entries(tmp_path):
@@ -122,7 +130,7 @@ def test_the_manifest_records_how_each_checkpoint_was_made():
         assert entry["recipe"] == RECIPE and "--seed" in entry["arguments"]
         assert entry["data_sha256"] == training_data_sha256()
         assert entry["training"]["loss"] > 0 and entry["training"]["seconds"] > 0 and entry["training"]["device"]
-        size = (digits.pretrained_dir() / entry["file"]).stat().st_size
+        size = (pretrained_dir() / entry["file"]).stat().st_size
         assert size < 5_000_000
     assert manifest[CLASSIFIER_NAME]["evaluation"]["held_out_accuracy"] >= 0.97
     evaluation = manifest[MODEL_NAME]["evaluation"]
@@ -140,7 +148,7 @@ def test_the_split_is_fixed_and_sigma_data_is_the_training_std():
     assert split.train_images.min() == -1 and split.train_images.max() == 1
     # no image index is in both parts: the split is a permutation
     assert len(torch.cat([split.train_labels, split.held_out_labels])) == 1797
-    assert digits.SIGMA_DATA == pytest.approx(split.train_images.std().item(), abs=5e-4)
+    assert SIGMA_DATA == pytest.approx(split.train_images.std().item(), abs=5e-4)
 
 
 def test_sample_data_draws_training_images_by_seed_and_label(model):
@@ -208,7 +216,7 @@ def test_torch_fidelity_calculate_metrics_gives_the_fid_the_model_features_give(
         feature_extractor=FEATURE_EXTRACTOR_NAME, cache=False, verbose=False,
         save_cpu_ram=True)  # no DataLoader worker processes
     assert metrics["kernel_inception_distance_mean"] < 1
-    ours = frechet_distance(model.features(held_out), model.features(real))
+    ours = fid(model.features(held_out), model.features(real))
     assert metrics["frechet_inception_distance"] == pytest.approx(ours, rel=1e-6)
     recorded = read_manifest()[CLASSIFIER_NAME]["evaluation"]["fid_held_out_vs_train_n297"]
     assert ours == pytest.approx(recorded, rel=1e-4)
@@ -277,20 +285,50 @@ def test_fid_of_real_digits_is_small_in_the_digits_feature_space(model):
 # ------------------------------------------------------------------------------------------------ the recipe
 
 def test_training_is_deterministic_given_the_seed():
-    first, _ = digits.train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
-    second, _ = digits.train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
+    first, _ = train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
+    second, _ = train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
-    classifier, record = digits.train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
-    again, _ = digits.train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
+    classifier, record = train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
+    again, _ = train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), again.state_dict().values()))
     assert record["steps"] == 2 and record["loss"] > 0
 
 
 @pytest.mark.slow
 def test_the_recipe_trains_evaluates_and_saves_loadable_checkpoints(tmp_path):
-    digits.train_recipe(["--steps", "3", "--classifier-steps", "3", "--batch-size", "16", "--out", str(tmp_path)])
+    train_recipe(["--steps", "3", "--classifier-steps", "3", "--batch-size", "16", "--out", str(tmp_path)])
     manifest = read_manifest(tmp_path)
     assert set(manifest) == {MODEL_NAME, CLASSIFIER_NAME}
     assert manifest[MODEL_NAME]["arguments"][:2] == ["--seed", "0"]
-    model = digits.load_digits_model(directory=tmp_path)
+    model = load_digits_model(directory=tmp_path)
     assert model.checkpoint_sha256 == manifest[MODEL_NAME]["sha256"]
+
+
+# ----------------------------------------------------------------------------------------------- the package
+
+def test_the_package_reaches_outside_only_into_bench_has_no_cycle_and_small_modules():
+    package = Path(load_digits_model.__code__.co_filename).parent
+    imports_within = {}
+    for path in sorted(package.glob("*.py")):
+        source = path.read_text()
+        assert source.count("\n") <= 400, f"{path.name} has grown past 400 lines: split it"
+        imports_within[path.stem] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                assert node.level == 1, f"{path.name} imports from outside the package: {ast.unparse(node)}"
+                imports_within[path.stem] |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m.split(".")[0] == "plugins" for m in modules), \
+                    f"{path.name}: a plugin imports bench, never another plugin ({ast.unparse(node)})"
+    imports_within.pop("__init__")  # the hook implementations import the rest
+    list(graphlib.TopologicalSorter(imports_within).static_order())  # raises CycleError on an import cycle
+
+
+def test_a_rows_code_hash_covers_the_modules_that_shape_the_model():
+    """The harness keys a row by the source of the module that defines the model loader and of the modules it
+    takes names from (bench.sweep.provenance): after the split they must still include the networks, the data
+    and the feature space, or an edit to them would leave stale rows in place."""
+    module = importlib.import_module(defining_module(load_digits_model))
+    covered = {related.__name__ for related in _related_modules(module)}
+    assert {f"plugins.digits.{name}" for name in ("data", "networks", "features", "denoiser")} <= covered
