@@ -3,19 +3,21 @@ code path for features, and the recipe that made them (a few steps of it)."""
 
 import ast
 import graphlib
+import hashlib
 import importlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import bench
-from bench.adapters.checkpoints import (load_verified, pretrained_dir, read_manifest, record_evaluation, save_checkpoint,
-                                        sha256_hex)
+from bench.adapters.checkpoints import load_checkpoint, pretrained_dir, read_manifest, sha256_hex
+from bench.cli import EXIT_BAD_INPUT, main
 from bench.measure.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
 from bench.measure.reference import ReferenceCache
 from bench.sweep.provenance import _related_modules, defining_module
@@ -60,17 +62,24 @@ def copy_shipped(directory, names=(MODEL_NAME, CLASSIFIER_NAME)):
     return manifest
 
 
+def edit_manifest(directory, change):
+    """Apply ``change`` to the entries of the manifest in ``directory``."""
+    entries = json.loads((directory / "manifest.json").read_text())
+    change(entries)
+    (directory / "manifest.json").write_text(json.dumps(entries))
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def test_a_tampered_checkpoint_is_refused_naming_the_file_and_both_hashes(tmp_path):
     manifest = copy_shipped(tmp_path, names=(CLASSIFIER_NAME,))
     path = tmp_path / manifest[CLASSIFIER_NAME]["file"]
-    assert load_verified(CLASSIFIER_NAME, tmp_path)  # the untouched copy loads
+    assert load_checkpoint(CLASSIFIER_NAME, tmp_path).tensors  # the untouched copy loads
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # one bit of one weight
     path.write_bytes(bytes(data))
     with pytest.raises(bench.BenchError) as error:
-        load_verified(CLASSIFIER_NAME, tmp_path)
+        load_checkpoint(CLASSIFIER_NAME, tmp_path)
     message = str(error.value)
     assert str(path) in message
     assert manifest[CLASSIFIER_NAME]["sha256"] in message  # expected, from the manifest
@@ -90,37 +99,50 @@ def test_missing_checkpoints_name_what_to_run(tmp_path):
         load_digits_model(directory=tmp_path)
 
 
-def test_save_checkpoint_round_trips_and_keeps_other_entries(tmp_path):
-    tensors = {"weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(7)}
-    save_checkpoint("first", tensors, "make first", ["--x", "1"], "data", {"loss": 0.5}, {"score": 1.0}, tmp_path)
-    save_checkpoint("second", {"w": torch.ones(2)}, "make second", [], "data", {}, {}, tmp_path)
-    loaded = load_verified("first", tmp_path)
-    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    manifest = read_manifest(tmp_path)
-    assert set(manifest) == {"first", "second"}
-    assert manifest["first"]["sha256"] == sha256_hex((tmp_path / "first.safetensors").read_bytes())
-    assert manifest["first"]["arguments"] == ["--x", "1"] and manifest["first"]["training"] == {"loss": 0.5}
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+def test_a_manifest_cannot_send_the_classifier_to_another_folder(tmp_path):
+    """Issue 11: an entry "../other/digits-classifier.safetensors" once loaded the classifier from another folder,
+    checked only against the manifest there, while the model reported the shipped classifier's hash."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "other").mkdir()
+    copy_shipped(tmp_path / "store")
+    copy_shipped(tmp_path / "other", names=(CLASSIFIER_NAME,))
+    edit_manifest(tmp_path / "store",
+                  lambda entries: entries[CLASSIFIER_NAME].update(file="../other/digits-classifier.safetensors"))
+    with pytest.raises(bench.BenchError, match="'../other/digits-classifier.safetensors' is not a plain file name"):
+        load_digits_model(directory=tmp_path / "store")
 
 
-def test_record_evaluation_replaces_only_the_evaluation(tmp_path):
-    save_checkpoint("first", {"w": torch.ones(2)}, "make first", ["--x", "1"], "data", {"loss": 0.5}, {"old": 1.0},
-                    tmp_path)
-    before = read_manifest(tmp_path)["first"]
-    record_evaluation("first", {"new": 2.0}, "make first --evaluate", tmp_path)
-    after = read_manifest(tmp_path)["first"]
-    assert after["evaluation"] == {"new": 2.0} and after["evaluated_by"] == "make first --evaluate"
-    assert {k: v for k, v in after.items() if k not in ("evaluation", "evaluated_by")} == \
-        {k: v for k, v in before.items() if k != "evaluation"}
-    assert load_verified("first", tmp_path)["w"].tolist() == [1.0, 1.0]  # the weights still verify
-    with pytest.raises(bench.BenchError, match="not in"):
-        record_evaluation("second", {}, "x", tmp_path)
+def test_the_model_reports_the_hashes_of_the_bytes_it_loaded(tmp_path):
+    copy_shipped(tmp_path)
+    shipped = load_digits_model(directory=tmp_path)
+    # the same classifier tensors in a file of other bytes (other metadata), vouched for by the manifest
+    tensors = load_checkpoint(CLASSIFIER_NAME, tmp_path).tensors
+    copy = safetensors.torch.save(dict(tensors), metadata={"copied": "yes"})
+    (tmp_path / "copy.safetensors").write_bytes(copy)
+    edit_manifest(tmp_path, lambda entries: entries[CLASSIFIER_NAME].update(file="copy.safetensors",
+                                                                           sha256=sha256_hex(copy)))
+    model = load_digits_model(directory=tmp_path)
+    assert model.checkpoint_sha256 == shipped.checkpoint_sha256 == read_manifest()[MODEL_NAME]["sha256"]
+    assert model.classifier_sha256 == sha256_hex(copy) != shipped.classifier_sha256
+    assert model.content_hash == hashlib.sha256(f"{model.checkpoint_sha256}:{sha256_hex(copy)}".encode()).hexdigest()
+    assert model.content_hash != shipped.content_hash  # cached statistics of one are never served to the other
 
 
-def test_a_manifest_cannot_point_outside_its_directory(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"evil": {"file": "../elsewhere.safetensors", "sha256": ""}}))
-    with pytest.raises(bench.BenchError, match="plain file name"):
-        load_verified("evil", tmp_path)
+def test_a_checkpoint_of_another_network_is_refused_naming_its_tensors(tmp_path):
+    copy_shipped(tmp_path)
+    edit_manifest(tmp_path, lambda entries: entries.update({CLASSIFIER_NAME: entries[MODEL_NAME]}))
+    with pytest.raises(bench.BenchError, match=r"digits.safetensors does not fit the network DigitsClassifier: "
+                                               r"missing tensors 'body.0.bias', .*; unexpected tensors"):
+        load_digits_model(directory=tmp_path)
+
+
+def test_the_command_line_reports_a_hostile_manifest_without_a_traceback(tmp_path, capsys):
+    copy_shipped(tmp_path)
+    edit_manifest(tmp_path, lambda entries: entries[MODEL_NAME].update(file="/etc/hostname"))
+    assert main(["train", "digits", "--evaluate", "--out", str(tmp_path)]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.startswith("samplerbench: error: checkpoint 'digits' in ") and "not a plain file name" in error
+    assert "Traceback" not in error
 
 
 def test_the_manifest_records_how_each_checkpoint_was_made():

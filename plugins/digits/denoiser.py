@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench.adapters.checkpoints import load_verified, manifest_entry, pretrained_dir
 from bench.core.guidance import NO_LABEL
 from bench.errors import BenchError
 
 from .data import IMAGE_SHAPE, NUM_CLASSES, digits_split, draw_training_images, to_uint8, training_data_sha256
 from .features import DigitsFeatureExtractor, create_digits_feature_extractor
 from .networks import DigitsUNet
-from .weights import CLASSIFIER_NAME, MODEL_NAME, RECIPE
+from .weights import MODEL_NAME, RECIPE, load_classifier, load_unet
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 SIGMA_DATA = 0.752  # std of the 1,500 training images' pixels in [-1, 1]; tests/test_digits.py recomputes it
@@ -56,11 +55,21 @@ class DigitsDenoiser(nn.Module):
     sigma_data = SIGMA_DATA
 
     def __init__(self, network: DigitsUNet, extractor: DigitsFeatureExtractor | None = None,
-                 content_hash: str | None = None) -> None:
+                 checkpoint_sha256: str | None = None, classifier_sha256: str | None = None) -> None:
         super().__init__()
         self.network = network
         self.extractor = extractor
-        self.content_hash = content_hash  # keys cached reference statistics; see load_digits_model
+        # sha256 of the checkpoint files the two networks were loaded from; None for networks built in memory
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.classifier_sha256 = classifier_sha256
+
+    @property
+    def content_hash(self) -> str | None:
+        """What the harness keys cached results of this model by: both checkpoints' sha256, since cached real-data
+        features depend on the classifier and reference ODE solutions on the denoiser. None in memory."""
+        if self.checkpoint_sha256 is None or self.classifier_sha256 is None:
+            return None
+        return hashlib.sha256(f"{self.checkpoint_sha256}:{self.classifier_sha256}".encode()).hexdigest()
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         if cond is not None and cond.device.type == "cpu":  # on an accelerator this check would sync
@@ -128,25 +137,19 @@ def _check_labels(labels: Tensor, batch: int) -> None:
 
 
 def load_digits_model(device: str | torch.device = "cpu", directory: str | Path | None = None) -> DigitsDenoiser:
-    """The shipped digits model with its feature network, both sha256-verified against the manifest.
+    """The shipped digits model with its feature network, both checked against the manifest (weights.py).
 
-    ``directory``: where the checkpoints and manifest are (default: $SAMPLERBENCH_PRETRAINED or pretrained/).
-    ``content_hash`` covers both checkpoints: cached real-data features depend on the classifier, reference ODE
-    solutions on the denoiser.
+    ``directory``: where the checkpoints and manifest are (default: $SAMPLERBENCH_PRETRAINED, else the shipped
+    pretrained/). The model's ``checkpoint_sha256`` and ``classifier_sha256`` are the hashes of the bytes that were
+    checked and loaded, and its ``content_hash`` is made from them.
     """
-    directory = Path(directory or pretrained_dir())
-    network = DigitsUNet()
-    network.load_state_dict(load_verified(MODEL_NAME, directory, made_by=RECIPE))
-    model_entry = manifest_entry(MODEL_NAME, directory, RECIPE)
-    if model_entry.get("data_sha256") != training_data_sha256():
-        raise BenchError(f"the digits model in {directory} was trained on other data (data_sha256 "
-                         f"{model_entry.get('data_sha256')}) than this machine's split of scikit-learn's digits "
+    network, checkpoint = load_unet(directory)
+    data_sha256 = checkpoint.entry.get("data_sha256")
+    if data_sha256 != training_data_sha256():
+        raise BenchError(f"the digits model {checkpoint.path} was trained on other data (data_sha256 "
+                         f"{data_sha256!r:.80}) than this machine's split of scikit-learn's digits "
                          f"({training_data_sha256()}); its real-data statistics would not match; run `{RECIPE}`")
-    classifier_entry = manifest_entry(CLASSIFIER_NAME, directory, RECIPE)
-    extractor = create_digits_feature_extractor(directory / classifier_entry["file"], device)
-    content_hash = hashlib.sha256(f"{model_entry['sha256']}:{classifier_entry['sha256']}".encode()).hexdigest()
-    model = DigitsDenoiser(network, extractor, content_hash).to(device)
-    model.checkpoint_sha256 = model_entry["sha256"]
-    model.classifier_sha256 = classifier_entry["sha256"]
-    return model.eval().requires_grad_(False)
-
+    classifier, classifier_checkpoint = load_classifier(directory)
+    extractor = create_digits_feature_extractor(device=device, classifier=classifier)
+    model = DigitsDenoiser(network, extractor, checkpoint.sha256, classifier_checkpoint.sha256)
+    return model.to(device).eval().requires_grad_(False)

@@ -29,7 +29,7 @@ from bench.measure.metrics import MetricContext
 
 from .data import IMAGE_SHAPE, from_uint8
 from .networks import DigitsClassifier
-from .weights import load_classifier
+from .weights import load_classifier, load_classifier_file
 
 FEATURE_EXTRACTOR_NAME = "samplerbench-digits"  # its name in torch-fidelity's registry
 
@@ -38,10 +38,11 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     """The digits classifier as a torch-fidelity feature extractor: uint8 images [B, 1 or 3, 8, 8] in, features
     "64" (the penultimate layer, the default for fid / kid / prc) and "logits" out, float32.
 
-    ``feature_extractor_weights_path``: a classifier safetensors file listed in the manifest beside it, whose
-    sha256 is checked; default: the shipped pretrained/digits-classifier.safetensors. ``classifier``: a
-    DigitsClassifier in memory instead (the training recipe evaluates with it before saving). Three-channel input
-    (what torch-fidelity's image datasets produce) is read as grey, the mean of its channels.
+    ``feature_extractor_weights_path``: a classifier safetensors file listed in the manifest beside it, loaded
+    through weights.py with every check; default: the shipped pretrained/digits-classifier.safetensors.
+    ``classifier``: a DigitsClassifier in memory instead (load_digits_model gives the one it loaded; the training
+    recipe evaluates with one before saving it). Three-channel input (what torch-fidelity's image datasets
+    produce) is read as grey, the mean of its channels.
     """
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
@@ -52,7 +53,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
                 "Only 32 and 64 bit floats are supported for internal dtype of this feature extractor")
         self.internal_dtype = torch.float64 if feature_extractor_internal_dtype == "float64" else torch.float32
         if classifier is None:
-            classifier = load_classifier(feature_extractor_weights_path)
+            path = feature_extractor_weights_path
+            classifier, _ = load_classifier() if path is None else load_classifier_file(path)
         self.classifier = classifier  # given: a network fresh from training, before it is saved
         self.to(self.internal_dtype)
         self.requires_grad_(False)

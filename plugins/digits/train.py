@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.adapters.checkpoints import load_verified, pretrained_dir, record_evaluation, save_checkpoint
+from bench.adapters.checkpoints import pretrained_dir, record_evaluation, save_checkpoint
 from bench.core.guidance import NO_LABEL
 
 from .data import NUM_HELD_OUT, digits_split, training_data_sha256
@@ -30,7 +30,7 @@ from .denoiser import SIGMA_DATA, DigitsDenoiser, load_digits_model
 from .evaluate import evaluate_classifier, evaluate_denoiser
 from .features import create_digits_feature_extractor
 from .networks import DigitsClassifier, DigitsUNet
-from .weights import CLASSIFIER_NAME, MODEL_NAME, RECIPE
+from .weights import CLASSIFIER_NAME, MODEL_NAME, RECIPE, load_classifier
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -218,8 +218,7 @@ def train_recipe(argv: list[str]) -> None:
               f"previous feature network: rerun `{RECIPE} --only model` to refresh it")
         return
 
-    classifier = DigitsClassifier()
-    classifier.load_state_dict(load_verified(CLASSIFIER_NAME, out, made_by=RECIPE))
+    classifier, _ = load_classifier(out)  # as saved, so the model is evaluated with the classifier that ships
     print(f"training the diffusion model ({options.steps} steps, batch {options.batch_size}) on {options.device}",
           flush=True)
     network, record = train_denoiser(options.steps, options.seed, options.device, batch_size=options.batch_size)
