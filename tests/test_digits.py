@@ -1,23 +1,33 @@
 """The digits model and its feature network: verified loading, the shipped weights' quality, torch-fidelity's
 code path for features, and the recipe that made them (a few steps of it)."""
 
+import ast
+import graphlib
+import hashlib
+import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import bench
-from bench.adapters.checkpoints import load_verified, read_manifest, record_evaluation, save_checkpoint, sha256_hex
+from bench.adapters.checkpoints import load_checkpoint, pretrained_dir, read_manifest, sha256_hex
+from bench.cli import EXIT_BAD_INPUT, main
 from bench.measure.metrics import REFERENCE_DATA_SEED, MetricContext, SharedCache
 from bench.measure.reference import ReferenceCache
+from bench.sweep.provenance import _related_modules, defining_module
 from bench.registry import manager
-from plugins import digits
-from plugins.digits import (CLASSIFIER_NAME, FEATURE_EXTRACTOR_NAME, MODEL_NAME, RECIPE, DigitsFeatureExtractor,
-                            digits_split, draw_training_images, from_uint8, frechet_distance, to_uint8,
-                            training_data_sha256)
+from plugins.digits.data import digits_split, draw_training_images, from_uint8, to_uint8, training_data_sha256
+from plugins.digits.denoiser import SIGMA_DATA, load_digits_model
+from plugins.digits.evaluate import fid
+from plugins.digits.features import FEATURE_EXTRACTOR_NAME, DigitsFeatureExtractor
+from plugins.digits.train import train_classifier, train_denoiser, train_recipe
+from plugins.digits.weights import CLASSIFIER_NAME, MODEL_NAME, RECIPE
 
 # of 200 conditional Heun samples at NFE 35 read as their label: the shipped model gives 0.995 to 1.0 over seeds 0-4
 CLASS_ACCURACY_THRESHOLD = 0.95
@@ -47,9 +57,16 @@ def copy_shipped(directory, names=(MODEL_NAME, CLASSIFIER_NAME)):
     """The shipped checkpoints and a manifest of just them, copied into ``directory``."""
     manifest = read_manifest()
     for name in names:
-        shutil.copy(digits.pretrained_dir() / manifest[name]["file"], directory / manifest[name]["file"])
+        shutil.copy(pretrained_dir() / manifest[name]["file"], directory / manifest[name]["file"])
     (directory / "manifest.json").write_text(json.dumps({name: manifest[name] for name in names}))
     return manifest
+
+
+def edit_manifest(directory, change):
+    """Apply ``change`` to the entries of the manifest in ``directory``."""
+    entries = json.loads((directory / "manifest.json").read_text())
+    change(entries)
+    (directory / "manifest.json").write_text(json.dumps(entries))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -57,12 +74,12 @@ def copy_shipped(directory, names=(MODEL_NAME, CLASSIFIER_NAME)):
 def test_a_tampered_checkpoint_is_refused_naming_the_file_and_both_hashes(tmp_path):
     manifest = copy_shipped(tmp_path, names=(CLASSIFIER_NAME,))
     path = tmp_path / manifest[CLASSIFIER_NAME]["file"]
-    assert load_verified(CLASSIFIER_NAME, tmp_path)  # the untouched copy loads
+    assert load_checkpoint(CLASSIFIER_NAME, tmp_path).tensors  # the untouched copy loads
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # one bit of one weight
     path.write_bytes(bytes(data))
     with pytest.raises(bench.BenchError) as error:
-        load_verified(CLASSIFIER_NAME, tmp_path)
+        load_checkpoint(CLASSIFIER_NAME, tmp_path)
     message = str(error.value)
     assert str(path) in message
     assert manifest[CLASSIFIER_NAME]["sha256"] in message  # expected, from the manifest
@@ -72,47 +89,60 @@ def test_a_tampered_checkpoint_is_refused_naming_the_file_and_both_hashes(tmp_pa
 
 def test_missing_checkpoints_name_what_to_run(tmp_path):
     with pytest.raises(bench.BenchError, match="samplerbench train digits"):  # no manifest at all
-        digits.load_digits_model(directory=tmp_path)
+        load_digits_model(directory=tmp_path)
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(bench.BenchError, match="not in .*samplerbench train digits"):  # no entry
-        digits.load_digits_model(directory=tmp_path)
+        load_digits_model(directory=tmp_path)
     copy_shipped(tmp_path)
     (tmp_path / read_manifest()[MODEL_NAME]["file"]).unlink()
     with pytest.raises(bench.BenchError, match="missing.*samplerbench train digits"):  # entry, but no file
-        digits.load_digits_model(directory=tmp_path)
+        load_digits_model(directory=tmp_path)
 
 
-def test_save_checkpoint_round_trips_and_keeps_other_entries(tmp_path):
-    tensors = {"weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(7)}
-    save_checkpoint("first", tensors, "make first", ["--x", "1"], "data", {"loss": 0.5}, {"score": 1.0}, tmp_path)
-    save_checkpoint("second", {"w": torch.ones(2)}, "make second", [], "data", {}, {}, tmp_path)
-    loaded = load_verified("first", tmp_path)
-    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    manifest = read_manifest(tmp_path)
-    assert set(manifest) == {"first", "second"}
-    assert manifest["first"]["sha256"] == sha256_hex((tmp_path / "first.safetensors").read_bytes())
-    assert manifest["first"]["arguments"] == ["--x", "1"] and manifest["first"]["training"] == {"loss": 0.5}
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+def test_a_manifest_cannot_send_the_classifier_to_another_folder(tmp_path):
+    """Issue 11: an entry "../other/digits-classifier.safetensors" once loaded the classifier from another folder,
+    checked only against the manifest there, while the model reported the shipped classifier's hash."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "other").mkdir()
+    copy_shipped(tmp_path / "store")
+    copy_shipped(tmp_path / "other", names=(CLASSIFIER_NAME,))
+    edit_manifest(tmp_path / "store",
+                  lambda entries: entries[CLASSIFIER_NAME].update(file="../other/digits-classifier.safetensors"))
+    with pytest.raises(bench.BenchError, match="'../other/digits-classifier.safetensors' is not a plain file name"):
+        load_digits_model(directory=tmp_path / "store")
 
 
-def test_record_evaluation_replaces_only_the_evaluation(tmp_path):
-    save_checkpoint("first", {"w": torch.ones(2)}, "make first", ["--x", "1"], "data", {"loss": 0.5}, {"old": 1.0},
-                    tmp_path)
-    before = read_manifest(tmp_path)["first"]
-    record_evaluation("first", {"new": 2.0}, "make first --evaluate", tmp_path)
-    after = read_manifest(tmp_path)["first"]
-    assert after["evaluation"] == {"new": 2.0} and after["evaluated_by"] == "make first --evaluate"
-    assert {k: v for k, v in after.items() if k not in ("evaluation", "evaluated_by")} == \
-        {k: v for k, v in before.items() if k != "evaluation"}
-    assert load_verified("first", tmp_path)["w"].tolist() == [1.0, 1.0]  # the weights still verify
-    with pytest.raises(bench.BenchError, match="not in"):
-        record_evaluation("second", {}, "x", tmp_path)
+def test_the_model_reports_the_hashes_of_the_bytes_it_loaded(tmp_path):
+    copy_shipped(tmp_path)
+    shipped = load_digits_model(directory=tmp_path)
+    # the same classifier tensors in a file of other bytes (other metadata), vouched for by the manifest
+    tensors = load_checkpoint(CLASSIFIER_NAME, tmp_path).tensors
+    copy = safetensors.torch.save(dict(tensors), metadata={"copied": "yes"})
+    (tmp_path / "copy.safetensors").write_bytes(copy)
+    edit_manifest(tmp_path, lambda entries: entries[CLASSIFIER_NAME].update(file="copy.safetensors",
+                                                                           sha256=sha256_hex(copy)))
+    model = load_digits_model(directory=tmp_path)
+    assert model.checkpoint_sha256 == shipped.checkpoint_sha256 == read_manifest()[MODEL_NAME]["sha256"]
+    assert model.classifier_sha256 == sha256_hex(copy) != shipped.classifier_sha256
+    assert model.content_hash == hashlib.sha256(f"{model.checkpoint_sha256}:{sha256_hex(copy)}".encode()).hexdigest()
+    assert model.content_hash != shipped.content_hash  # cached statistics of one are never served to the other
 
 
-def test_a_manifest_cannot_point_outside_its_directory(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"evil": {"file": "../elsewhere.safetensors", "sha256": ""}}))
-    with pytest.raises(bench.BenchError, match="plain file name"):
-        load_verified("evil", tmp_path)
+def test_a_checkpoint_of_another_network_is_refused_naming_its_tensors(tmp_path):
+    copy_shipped(tmp_path)
+    edit_manifest(tmp_path, lambda entries: entries.update({CLASSIFIER_NAME: entries[MODEL_NAME]}))
+    with pytest.raises(bench.BenchError, match=r"digits.safetensors does not fit the network DigitsClassifier: "
+                                               r"missing tensors 'body.0.bias', .*; unexpected tensors"):
+        load_digits_model(directory=tmp_path)
+
+
+def test_the_command_line_reports_a_hostile_manifest_without_a_traceback(tmp_path, capsys):
+    copy_shipped(tmp_path)
+    edit_manifest(tmp_path, lambda entries: entries[MODEL_NAME].update(file="/etc/hostname"))
+    assert main(["train", "digits", "--evaluate", "--out", str(tmp_path)]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.startswith("samplerbench: error: checkpoint 'digits' in ") and "not a plain file name" in error
+    assert "Traceback" not in error
 
 
 def test_the_manifest_records_how_each_checkpoint_was_made():
@@ -122,7 +152,7 @@ def test_the_manifest_records_how_each_checkpoint_was_made():
         assert entry["recipe"] == RECIPE and "--seed" in entry["arguments"]
         assert entry["data_sha256"] == training_data_sha256()
         assert entry["training"]["loss"] > 0 and entry["training"]["seconds"] > 0 and entry["training"]["device"]
-        size = (digits.pretrained_dir() / entry["file"]).stat().st_size
+        size = (pretrained_dir() / entry["file"]).stat().st_size
         assert size < 5_000_000
     assert manifest[CLASSIFIER_NAME]["evaluation"]["held_out_accuracy"] >= 0.97
     evaluation = manifest[MODEL_NAME]["evaluation"]
@@ -140,7 +170,7 @@ def test_the_split_is_fixed_and_sigma_data_is_the_training_std():
     assert split.train_images.min() == -1 and split.train_images.max() == 1
     # no image index is in both parts: the split is a permutation
     assert len(torch.cat([split.train_labels, split.held_out_labels])) == 1797
-    assert digits.SIGMA_DATA == pytest.approx(split.train_images.std().item(), abs=5e-4)
+    assert SIGMA_DATA == pytest.approx(split.train_images.std().item(), abs=5e-4)
 
 
 def test_sample_data_draws_training_images_by_seed_and_label(model):
@@ -208,7 +238,7 @@ def test_torch_fidelity_calculate_metrics_gives_the_fid_the_model_features_give(
         feature_extractor=FEATURE_EXTRACTOR_NAME, cache=False, verbose=False,
         save_cpu_ram=True)  # no DataLoader worker processes
     assert metrics["kernel_inception_distance_mean"] < 1
-    ours = frechet_distance(model.features(held_out), model.features(real))
+    ours = fid(model.features(held_out), model.features(real))
     assert metrics["frechet_inception_distance"] == pytest.approx(ours, rel=1e-6)
     recorded = read_manifest()[CLASSIFIER_NAME]["evaluation"]["fid_held_out_vs_train_n297"]
     assert ours == pytest.approx(recorded, rel=1e-4)
@@ -277,20 +307,50 @@ def test_fid_of_real_digits_is_small_in_the_digits_feature_space(model):
 # ------------------------------------------------------------------------------------------------ the recipe
 
 def test_training_is_deterministic_given_the_seed():
-    first, _ = digits.train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
-    second, _ = digits.train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
+    first, _ = train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
+    second, _ = train_denoiser(steps=2, seed=5, batch_size=16, log_every=0)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
-    classifier, record = digits.train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
-    again, _ = digits.train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
+    classifier, record = train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
+    again, _ = train_classifier(steps=2, seed=5, batch_size=16, log_every=0)
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), again.state_dict().values()))
     assert record["steps"] == 2 and record["loss"] > 0
 
 
 @pytest.mark.slow
 def test_the_recipe_trains_evaluates_and_saves_loadable_checkpoints(tmp_path):
-    digits.train_recipe(["--steps", "3", "--classifier-steps", "3", "--batch-size", "16", "--out", str(tmp_path)])
+    train_recipe(["--steps", "3", "--classifier-steps", "3", "--batch-size", "16", "--out", str(tmp_path)])
     manifest = read_manifest(tmp_path)
     assert set(manifest) == {MODEL_NAME, CLASSIFIER_NAME}
     assert manifest[MODEL_NAME]["arguments"][:2] == ["--seed", "0"]
-    model = digits.load_digits_model(directory=tmp_path)
+    model = load_digits_model(directory=tmp_path)
     assert model.checkpoint_sha256 == manifest[MODEL_NAME]["sha256"]
+
+
+# ----------------------------------------------------------------------------------------------- the package
+
+def test_the_package_reaches_outside_only_into_bench_has_no_cycle_and_small_modules():
+    package = Path(load_digits_model.__code__.co_filename).parent
+    imports_within = {}
+    for path in sorted(package.glob("*.py")):
+        source = path.read_text()
+        assert source.count("\n") <= 400, f"{path.name} has grown past 400 lines: split it"
+        imports_within[path.stem] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                assert node.level == 1, f"{path.name} imports from outside the package: {ast.unparse(node)}"
+                imports_within[path.stem] |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m.split(".")[0] == "plugins" for m in modules), \
+                    f"{path.name}: a plugin imports bench, never another plugin ({ast.unparse(node)})"
+    imports_within.pop("__init__")  # the hook implementations import the rest
+    list(graphlib.TopologicalSorter(imports_within).static_order())  # raises CycleError on an import cycle
+
+
+def test_a_rows_code_hash_covers_the_modules_that_shape_the_model():
+    """The harness keys a row by the source of the module that defines the model loader and of the modules it
+    takes names from (bench.sweep.provenance): after the split they must still include the networks, the data
+    and the feature space, or an edit to them would leave stale rows in place."""
+    module = importlib.import_module(defining_module(load_digits_model))
+    covered = {related.__name__ for related in _related_modules(module)}
+    assert {f"plugins.digits.{name}" for name in ("data", "networks", "features", "denoiser")} <= covered
