@@ -6,11 +6,12 @@ reaches executable code, so the policy admits the two scripts by their sha256 ha
 that slipped past escaping (an inline ``<script>``, an ``onerror`` attribute, a ``javascript:`` URL) is refused
 by the browser.
 
-Plotly needs no ``eval``: its SVG traces draw without it (the bundle's ``Function`` and ``eval`` calls are
-fallbacks and map-tile code the report never reaches). It does add style rules at run time, by creating an empty
-``<style>`` element and filling its sheet through the CSSOM, which CSP does not govern; admitting the hash of the
-empty text admits that element and no style text. The bundle's own ``<style>`` for map traces (maplibre CSS) is
-refused, which the report, drawing no maps, does not notice.
+Plotly needs no ``eval``: the report's figures draw without one refused eval (the bundle's few ``Function`` and
+``eval`` calls are a feature-detection fallback, a polyfill and map-tile worker code). It does add style rules at
+run time, by creating an empty ``<style>`` element and filling its sheet through the CSSOM, which CSP does not
+govern; admitting the hash of the empty text admits that element and no style text. Refused, harmlessly, and
+reported on the browser's console: the bundle's ``<style>`` for map traces (maplibre CSS; the report draws no
+maps) and the empty ``style`` attribute plotly sets on colour-bar fills (it sets nothing).
 """
 
 from __future__ import annotations
