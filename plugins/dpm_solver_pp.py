@@ -65,7 +65,8 @@ from bench.hookspecs import hookimpl
 SOLVER_TYPES = ("midpoint", "heun")
 # 3M: the weight w of the Taylor term h phi_3 (h^2 D'') (see the module docstring)
 THIRD_ORDER_FORMS = {"original": 0.5, "taylor": 1.0}
-STOCHASTIC_NOTE = "stochastic: the published order, of the error in distribution, which trajectory slopes do not measure"
+STOCHASTIC_NOTE = ("stochastic: the published order, of the error in distribution, which trajectory slopes do not "
+                   "measure")
 
 
 # ------------------------------------------------------------------ the rules, as weights of x and D_0, D_1, D_2

@@ -14,8 +14,8 @@ and the methods differ in eps':
   grid points, e.g. eps' = (55 eps_0 - 59 eps_1 + 37 eps_2 - 9 eps_3) / 24 (eps_0 newest);
 - pseudo Runge-Kutta (eq. (12)): eps' = (eps_1 + 2 eps_2 + 2 eps_3 + eps_4) / 6 from three transfers out of x,
   to the half step, again to the half step, and to the full step; 4 NFE per step. The half step is the midpoint
-  in VP time t, as in the official code (whose time is DDPM's discrete timestep, t ~ timestep / 1000: bench.core.numerics.
-  vp_time);
+  in VP time t, as in the official code (whose time is DDPM's discrete timestep, t ~ timestep / 1000:
+  bench.core.numerics.vp_time);
 - pseudo improved Euler: eps' = (eps_0 + eps(x + (sigma_next - sigma) eps_0, sigma_next)) / 2; 2 NFE.
 
 Methods of ``pndm``:

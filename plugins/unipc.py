@@ -130,8 +130,10 @@ class UniPC(StepSolver):
                                         f"{3 if corrected else 2}")]
         last = min(p, 2) if config.lower_order_final else p
         caps.append((last + 1, f"its uncorrected step to sigma_min (UniP-{last}) caps it at {last + 1}"))
-        if config.corrector:
-            caps += [(min(p, k + 1) + 1, f"step {k} is left uncorrected") for k in config.disable_corrector if k > 0]
+        for k in config.disable_corrector if config.corrector else ():
+            q = min(p, k + 1)  # the order of step k's predictor
+            if k > 0:
+                caps.append((q + 1, f"step {k}, left uncorrected (UniP-{q}), caps it at {q + 1}"))
         return caps
 
     @property

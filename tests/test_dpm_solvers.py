@@ -499,7 +499,8 @@ def test_singlestep_rules_are_the_published_algorithms(sigma, sigma_next, r1, r2
     # DPM-Solver-3, Algorithm 2, and its data-prediction twin (the original code's third-order singlestep update)
     u2 = (x - s2 * math.expm1(r2 * h) * eps_s
           - s2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps(u1, s1) - eps_s))
-    expected = x - sigma_next * math.expm1(h) * eps_s - sigma_next / r2 * (math.expm1(h) / h - 1) * (eps(u2, s2) - eps_s)
+    expected = (x - sigma_next * math.expm1(h) * eps_s
+                - sigma_next / r2 * (math.expm1(h) / h - 1) * (eps(u2, s2) - eps_s))
     assert_same(dpm.dpm_solver_3(D, x, sigma, sigma_next, eps_s, r1, r2), expected)
     u2 = ((s2 / sigma) * x - math.expm1(-r2 * h) * Ds
           + (r2 / r1) * (math.expm1(-r2 * h) / (r2 * h) + 1) * (D(u, s1) - Ds))

@@ -5,8 +5,9 @@ Order. A solver declares ``order``, the global order its implementation reaches 
 against a reference solved to 1e-12 (bench.tools.convergence), in two regimes:
 
 - Asymptotic: gmm2d over sigma in [0.002, 0.5], logsnr grid, 96, 192 and 384 steps (karras and 768 steps under the
-  `slow` mark). Every order shows to within a few hundredths there: measured over 96..768 (logsnr / karras), UniPC-p with corrector p + 1 for p = 1, 2 (1.98-3.03) and 3 for p = 3 (3.01, 3.00); UniP-p
-  min(p, 2) (1.99-2.03); DEIS-p min(p, 2) (1.97-2.02); PNDM and iPNDM 2 (1.98-2.03). Tolerance +-0.15.
+  `slow` mark). Every order shows to within a few hundredths there: measured over 96..768 (logsnr / karras), UniPC-p
+  with corrector p + 1 for p = 1, 2 (1.98-3.03) and 3 for p = 3 (3.01, 3.00); UniP-p min(p, 2) (1.99-2.03); DEIS-p
+  min(p, 2) (1.97-2.02); PNDM and iPNDM 2 (1.98-2.03). Tolerance +-0.15.
 - Usual budgets: from the models' sigma_max = 80, 64..512 steps, where an error made in the first steps has shrunk
   by ~sigma_data / sigma_max by the end. There the caps that make a method's order lower than its nominal one hide
   behind its bulk steps' error: UniPC-3 fits 3.84-3.89 (nominal 4, order 3), UniP-3 3.12-3.19 and DEIS-3 2.78-2.92
@@ -186,7 +187,8 @@ def test_declared_orders():
     assert [get_solver("unipc", order=p, corrector=False).order for p in (1, 2, 3)] == [1, 2, 2]
     assert get_solver("unipc", order=3, disable_corrector=[1]).order == 3
     assert "first step (UniPC-1) caps it at 3" in get_solver("unipc", order=3).order_note
-    assert [get_solver("deis", order=p, method=m).nominal_order for m in DEIS_METHODS for p in (1, 2, 3)] == [1, 2, 3] * 3
+    assert [get_solver("deis", order=p, method=m).nominal_order
+            for m in DEIS_METHODS for p in (1, 2, 3)] == [1, 2, 3] * 3
     assert [get_solver("deis", order=p).order for p in (1, 2, 3)] == [1, 2, 2]
     assert [get_solver("pndm", method=m).nominal_order for m in ("f-pndm", "s-pndm", "plms")] == [4, 2, 4]
     assert [get_solver("pndm", method=m).order for m in ("f-pndm", "s-pndm", "plms")] == [2, 2, 2]
