@@ -19,6 +19,7 @@ solver's asymptotic order to within a few hundredths.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import re
@@ -121,7 +122,8 @@ def measure(model, reference: Tensor, solver: str, step_counts: Sequence[int], s
 
 
 def parse_solver(text: str) -> tuple[str, dict[str, Any]]:
-    """``name,key=value,...`` -> (name, options); a value is read as JSON (3, 0.5, true, [0, 1]) or else a string."""
+    """``name,key=value,...`` -> (name, options); a value is read as JSON or Python (3, 0.5, true, True, [0, 1]),
+    or else taken as a string (method=logrho)."""
     name, *items = re.split(r",(?![^\[]*\])", text)
     options = {}
     for item in items:
@@ -129,7 +131,10 @@ def parse_solver(text: str) -> tuple[str, dict[str, Any]]:
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
-            options[key] = value
+            try:
+                options[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                options[key] = value
     return name, options
 
 
