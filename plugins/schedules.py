@@ -33,6 +33,9 @@ def logsnr(steps: int, model) -> Tensor:
 
 
 def _vp_time_grid(steps: int, model, power: float, beta_min: float, beta_max: float) -> Tensor:
+    if not 0 <= beta_min < beta_max:
+        raise ValueError(f"a VP schedule needs 0 <= beta_min < beta_max; got beta_min={beta_min!r}, "
+                         f"beta_max={beta_max!r}")
     t_max = vp_time(model.sigma_max, beta_min, beta_max)
     t_min = vp_time(model.sigma_min, beta_min, beta_max)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)

@@ -282,3 +282,25 @@ def test_solver_modules_stay_short():
     solver_paths = [path for path in paths if path.stem not in ("analytic", "digits")]  # not solver code
     long = {path.name: n for path in solver_paths if (n := len(path.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_a_plan_is_found_in_logarithmic_time_for_any_budget():
+    from bench.core.sampling import get_solver
+
+    heun = get_solver("heun")
+    calls = []
+    real = type(heun).nfe_for_steps
+
+    def counting(self, steps):
+        calls.append(steps)
+        return real(self, steps)
+
+    type(heun).nfe_for_steps = counting
+    try:
+        plan = heun.plan(10**12 + 1)
+    finally:
+        type(heun).nfe_for_steps = real
+    assert (plan.steps, plan.nfe) == (5 * 10**11 + 1, 10**12 + 1) and len(calls) < 100
+    for budget in range(3, 40):  # the same plans as the linear search
+        steps = max(s for s in range(2, 30) if 2 * s - 1 <= budget)
+        assert heun.plan(budget).steps == steps

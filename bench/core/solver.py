@@ -90,10 +90,14 @@ class Solver:
         """The plan with the most steps whose NFE is within ``nfe``."""
         if nfe < self.min_nfe:
             raise BenchError(f"solver {self.describe()} needs an NFE budget of at least {self.min_nfe}; got {nfe}")
-        steps = self.min_steps
-        while self.nfe_for_steps(steps + 1) <= nfe:
-            steps += 1
-        return Plan(steps=steps, nfe=self.nfe_for_steps(steps), orders=self.step_orders(steps))
+        # nfe_for_steps grows with steps: double past the budget, then bisect (logarithmic in any budget)
+        fits, beyond = self.min_steps, self.min_steps + 1
+        while self.nfe_for_steps(beyond) <= nfe:
+            fits, beyond = beyond, 2 * beyond
+        while beyond - fits > 1:
+            middle = (fits + beyond) // 2
+            fits, beyond = (middle, beyond) if self.nfe_for_steps(middle) <= nfe else (fits, middle)
+        return Plan(steps=fits, nfe=self.nfe_for_steps(fits), orders=self.step_orders(fits))
 
     def step_orders(self, steps: int) -> tuple[int, ...]:
         """The order of each step of a plan of ``steps`` steps, for solvers that vary it (computed once, by plan)."""
