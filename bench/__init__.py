@@ -17,8 +17,10 @@ __version__ = importlib.metadata.version("samplerbench")
 
 from bench.adapters.diffusers import from_diffusers
 from bench.core.denoiser import CountingDenoiser, Denoiser
+from bench.core.options import SolverOptions, option
 from bench.core.sampling import SampleOutput, load_model, sample
 from bench.core.solver import Plan, Solver
+from bench.core.steps import StepSolver
 from bench.errors import BenchError
 from bench.hookspecs import hookimpl
 from bench.measure.metrics import Metric
@@ -43,7 +45,7 @@ def list_metrics() -> list[str]:
 
 
 __all__ = [
-    "BenchError", "CountingDenoiser", "Denoiser", "Metric", "Plan", "SampleOutput", "Solver", "hookimpl",
-    "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers", "load_model", "read_results",
-    "sample",
+    "BenchError", "CountingDenoiser", "Denoiser", "Metric", "Plan", "SampleOutput", "Solver", "SolverOptions",
+    "StepSolver", "hookimpl", "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers",
+    "load_model", "option", "read_results", "sample",
 ]
