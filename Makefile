@@ -41,14 +41,16 @@ test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 # On any machine: the micro-benchmarks (results/benchmarks.json), the figures of bench/tools/overhead.py,
-# bench/tools/efficiency.py, bench/tools/metrics_at_scale.py and bench/tools/ray_scaling.py (results/bench-figures.txt), the slow tests.
+# bench/tools/efficiency.py, bench/tools/metrics_at_scale.py, bench/tools/ray_scaling.py and bench/tools/crash_trials.py
+# (results/bench-figures.txt), the slow tests.
 bench: $(STAMP)
 	mkdir -p results
 	$(BIN)/pytest -q --benchmark-only --benchmark-json=results/benchmarks.json tests/benchmarks
 	( $(BIN)/python -m bench.tools.overhead --device cpu && \
 	  $(BIN)/python -m bench.tools.efficiency --device cpu && \
 	  $(BIN)/python -m bench.tools.metrics_at_scale --device cpu --n 10000 && \
-	  $(BIN)/python -m bench.tools.ray_scaling ) 2>&1 | tee results/bench-figures.txt
+	  $(BIN)/python -m bench.tools.ray_scaling && \
+	  $(BIN)/python -m bench.tools.crash_trials --trials 20 ) 2>&1 | tee results/bench-figures.txt
 	$(BIN)/pytest -q -m slow
 
 # On a CUDA machine, one command for every GPU figure (results/gpu-figures.txt): the GPU tests, overhead with and
