@@ -21,12 +21,13 @@ from bench.hookspecs import hookimpl
 
 
 def load_diffusers_model(device: str | torch.device = "cpu", path: str | Path | None = None,
-                         sigma_data: float = 0.5) -> DiffusersDenoiser:
+                         sigma_data: float = 0.5, timestep_rounding: str = "none") -> DiffusersDenoiser:
     if path is None:
         raise BenchError("model 'diffusers' needs the folder of a saved diffusers model: "
                          "bench.load_model('diffusers', path=DIR), or in a suite: "
                          "[[models]] with name = \"diffusers\" and path = \"DIR\"")
-    return load_diffusers(path, device=device, sigma_data=sigma_data, name="diffusers")
+    return load_diffusers(path, device=device, sigma_data=sigma_data, name="diffusers",
+                          timestep_rounding=timestep_rounding)
 
 
 @hookimpl
