@@ -16,6 +16,7 @@ import importlib.metadata
 __version__ = importlib.metadata.version("samplerbench")
 
 from bench.adapters.diffusers import from_diffusers
+from bench.adapters.flow_matching import from_flow_matching
 from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.core.sampling import SampleOutput, load_model, sample
 from bench.core.solver import Plan, Solver
@@ -44,6 +45,6 @@ def list_metrics() -> list[str]:
 
 __all__ = [
     "BenchError", "CountingDenoiser", "Denoiser", "Metric", "Plan", "SampleOutput", "Solver", "hookimpl",
-    "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers", "load_model", "read_results",
-    "sample",
+    "from_diffusers", "from_flow_matching", "list_metrics", "list_models", "list_schedules", "list_solvers",
+    "load_model", "read_results", "sample",
 ]
