@@ -138,13 +138,13 @@ def linear_quadratic(steps: int, model, threshold_noise: float = 0.025, linear_s
 
 
 def flow(steps: int, model, shift: float | None = None) -> Tensor:
-    """Uniform in flow-matching time t = sigma / (1 + sigma) from the model's t_max to t_min, then shifted,
-    t -> shift t / (1 + (shift - 1) t) (Esser et al. 2024, SD3): diffusers' FlowMatchEulerDiscreteScheduler.
+    """Flow-matching time t = sigma / (1 + sigma) at u shifted, t = shift u / (1 + (shift - 1) u) (Esser et al.
+    2024, SD3), for u uniform from the u whose shift is the model's t_max down to its t_min: diffusers'
+    FlowMatchEulerDiscreteScheduler, whose t_max = 1 is its own shift.
 
     ``shift``: the model's own (``flow_shift``, set by bench.adapters.flow_matching from its scheduler) unless
-    given; 1 otherwise. A shift > 1 spends more steps at high noise, and moves the last point above sigma_min (as
-    diffusers does). It keeps t = 1 (pure noise, the model's sigma_max) but moves a t_max < 1 above the model's
-    range: such points become sigma_max (one at most; two would be the same point twice).
+    given; 1 otherwise. A shift > 1 spends more steps at high noise and, as in diffusers, ends above sigma_min (at
+    the shift of t_min). t = 1 (pure noise) is the model's sigma_max.
     """
     if shift is None:
         shift = float(getattr(model, "flow_shift", 1.0))
@@ -153,12 +153,10 @@ def flow(steps: int, model, shift: float | None = None) -> Tensor:
     # a flow-matching model (bench.adapters.flow_matching) knows its t range exactly; t_max = 1 has no finite sigma
     t_max = getattr(model, "t_max", None) or flow_time(model.sigma_max)
     t_min = getattr(model, "t_min", None) or flow_time(model.sigma_min)
-    t = shift_time(np.linspace(t_max, t_min, steps), shift)
-    if steps > 1 and t[1] >= t_max:
-        raise ValueError(f"shift={shift} moves the first two of {steps} points above the model's t_max = {t_max:.6g} "
-                         "(sigma_max): use a smaller shift or more steps")
-    sigmas = torch.as_tensor(sigma_of_flow_time(np.minimum(t, t_max), model.sigma_max), dtype=torch.float64)
-    sigmas[0] = model.sigma_max  # t_max shifted is t_max up to rounding, or above it
+    u_max = t_max / (shift - (shift - 1) * t_max)  # the inverse shift: u_max = 1 when t_max = 1
+    t = shift_time(np.linspace(u_max, t_min, steps), shift)
+    sigmas = torch.as_tensor(sigma_of_flow_time(t, model.sigma_max), dtype=torch.float64)
+    sigmas[0] = model.sigma_max  # t_max, up to the rounding of the round trip
     return _append_zero(sigmas)
 
 
