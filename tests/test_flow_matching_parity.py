@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 import bench  # noqa: E402
+from bench.adapters.flow_matching import FlowMatchingDenoiser  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from peers import CountingUNet, relative_deviation  # noqa: E402
 
@@ -74,3 +75,18 @@ def test_from_flow_matching_reads_the_scheduler(unet):
         bench.from_flow_matching(unet, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
     with pytest.raises(BenchError, match=r"DDPMScheduler is not a flow-matching scheduler"):
         bench.from_flow_matching(unet, DDPMScheduler())
+
+
+def test_a_saved_flow_matching_folder_loads_through_the_diffusers_plugin(tmp_path, unet):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    unet.save_pretrained(tmp_path / "unet")
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    model = bench.load_model("diffusers", path=str(tmp_path))
+    assert isinstance(model, FlowMatchingDenoiser) and model.flow_shift == 3.0 and model.t_max == 1.0
+    assert model.content_hash is not None and len(model.content_hash) == 64
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 20.0])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, sigma), bench.from_flow_matching(unet, scheduler)(x, sigma), rtol=0,
+                                   atol=0)
+    with pytest.raises(BenchError, match=r"timestep_rounding='round' applies to VP models"):
+        bench.load_model("diffusers", path=str(tmp_path), timestep_rounding="round")

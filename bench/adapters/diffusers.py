@@ -227,21 +227,26 @@ class DiffusersDenoiser(nn.Module):
     @functools.cached_property
     def content_hash(self) -> str | None:
         """sha256 over the configs and weights this model was loaded from (None when built in memory)."""
-        if not self.source_files:
-            return None
-        digest = hashlib.sha256()
-        for path in self.source_files:
-            digest.update(path.name.encode())
-            with open(path, "rb") as file:
-                for block in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return files_sha256(self.source_files)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, shape={self.shape}, prediction_type={self.prediction_type!r}, "
                 f"timesteps={len(self.sigmas_discrete)}, sigma_min={self.sigma_min:.4g}, "
                 f"sigma_max={self.sigma_max:.4g}, num_classes={self.num_classes}, "
                 f"timestep_rounding={self.timestep_rounding!r}")
+
+
+def files_sha256(paths: tuple[Path, ...]) -> str | None:
+    """sha256 over the names and contents of ``paths``, in order; None for none."""
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def from_diffusers(unet: nn.Module, scheduler: Any, *, sigma_data: float = 0.5, name: str = "diffusers",
@@ -289,8 +294,10 @@ def _class_from_config(diffusers, config_file: Path, base: type, kind: str) -> t
 
 
 def load_diffusers(path: str | Path, device: str | torch.device = "cpu", *, sigma_data: float = 0.5,
-                   name: str = "diffusers", timestep_rounding: str = "none") -> DiffusersDenoiser:
-    """A DiffusersDenoiser from a local folder (see _model_folders for the layouts), on ``device``.
+                   name: str = "diffusers", timestep_rounding: str = "none") -> nn.Module:
+    """A DiffusersDenoiser from a local folder (see _model_folders for the layouts), on ``device``; a
+    FlowMatchingDenoiser (bench/adapters/flow_matching.py, velocity prediction) when its scheduler is a
+    flow-matching one (FlowMatchEulerDiscreteScheduler).
 
     Weights are read from safetensors only and with local_files_only: loading never touches the network.
     """
@@ -311,6 +318,16 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", *, sigm
         scheduler = scheduler_class.from_pretrained(scheduler_folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise BenchError(f"could not load the diffusers model in {str(path)!r}: {error}") from None
+    source_files = (unet_folder / "config.json", scheduler_folder / "scheduler_config.json", *weights)
+    if getattr(scheduler, "alphas_cumprod", None) is None and hasattr(scheduler.config, "shift"):
+        from bench.adapters.flow_matching import from_flow_matching
+
+        if timestep_rounding != "none":
+            raise BenchError(f"timestep_rounding={timestep_rounding!r} applies to VP models on a discrete grid; "
+                             f"{type(scheduler).__name__} is a flow-matching scheduler")
+        flow_model = from_flow_matching(unet, scheduler, sigma_data=sigma_data, name=name)
+        flow_model.content_hash = files_sha256(source_files)
+        return flow_model.to(device)
     model = from_diffusers(unet, scheduler, sigma_data=sigma_data, name=name, timestep_rounding=timestep_rounding)
-    model.source_files = (unet_folder / "config.json", scheduler_folder / "scheduler_config.json", *weights)
+    model.source_files = source_files
     return model.to(device)

@@ -96,6 +96,7 @@ class FlowMatchingDenoiser(nn.Module):
         self.num_classes = num_classes
         self.cond_name = cond_name
         self.name = name
+        self.content_hash: str | None = None  # sha256 of the files it was loaded from (bench.adapters.diffusers)
 
     @staticmethod
     def _shape_from_config(network: Any) -> tuple[int, ...]:
