@@ -4,7 +4,8 @@ schedule on the exact timesteps, each reproduced by an option.
 - DPMSolverMultistepScheduler (and the other multistep schedulers) step on the exact Karras sigmas but feed the
   UNet round(sigma_to_t(sigma)), the nearest integer timestep; the adapter feeds the exact fractional one. On the
   tiny UNet our dpm-solver++ 2M / 3M differ from theirs by 1.4e-4 to 5.6e-4 (10 and 20 steps); with
-  bench.from_diffusers(..., timestep_rounding="round") by 3.5e-7 to 5.5e-7, float32 rounding.
+  bench.from_diffusers(..., timestep_rounding="round") by 3.5e-7 to 5.5e-7, float32 rounding (at 25 steps:
+  7.8e-4 / 7.4e-4 without, 3.7e-7 / 4.4e-7 with; not a test). UniPC's the same: 2.4e-4, then 3.2e-7.
 - EulerDiscreteScheduler builds its Karras range from the sigmas of its spaced timesteps: with trailing spacing it
   ends at the last trailing timestep's sigma (t = 99 for 10 steps), not at the grid's sigma_min. karras with
   sigma_min = that sigma reproduces it: 1e-7 (1.2e-2 without).
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler  # noqa: E402
+from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
+                       UniPCMultistepScheduler)
 
 import bench  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
@@ -58,6 +60,19 @@ def test_dpm_solver_pp_karras_needs_diffusers_rounded_timesteps(unet, order, ste
             assert not torch.equal(ours_seen, theirs_seen)
     assert measured[order] / 2 <= deviations["none"] <= measured[order] * 2
     assert deviations["round"] <= 1e-6  # measured 3.5e-7 to 5.5e-7
+
+
+def test_unipc_karras_rounds_too(unet):
+    # UniPCMultistepScheduler shares the rounding: 2.4e-4 apart at 10 steps with exact timesteps, 3.2e-7 rounded
+    deviations = {}
+    for rounding in ("none", "round"):
+        model = bench.from_diffusers(unet, DDPMScheduler(**tiny_scheduler_config()), timestep_rounding=rounding)
+        out = bench.sample(model, "unipc", nfe=10, n=N, seed=0, schedule="karras", warmup=False, order=2,
+                           variant="bh2")
+        scheduler = UniPCMultistepScheduler(**tiny_scheduler_config(), solver_order=2, use_karras_sigmas=True,
+                                            final_sigmas_type="zero")
+        deviations[rounding] = relative_deviation(out.x, run_diffusers(scheduler, unet, out.x_T, 10))
+    assert 1.2e-4 <= deviations["none"] <= 4.8e-4 and deviations["round"] <= 1e-6
 
 
 @pytest.mark.parametrize("steps", [10, 7])
