@@ -2,9 +2,9 @@
 
 The continuous schedules span the model's [sigma_min, sigma_max], so that every solver starts from the same x_T and
 ends at the same point, D(x(sigma_min); sigma_min); where a schedule is defined otherwise (linear-quadratic stops
-short of sigma_min; an AYS table or a user's list has its own ends) its docstring says so. The schedules picked
-from a model's training timesteps (``discrete``, ComfyUI's simple, normal, ddim_uniform, beta) live in
-plugins/discrete.py.
+short of sigma_min, flow with a shift > 1 too; an AYS table or a user's list has its own ends) its docstring says
+so. The schedules picked from a model's training timesteps (``discrete``, ComfyUI's simple, ddim_uniform, beta,
+and normal and sgm_uniform, which fall back to log sigma without one) live in plugins/discrete.py.
 
     karras            uniform in sigma^(1/rho) (Karras et al. 2022); ``sigma_min`` moves its low end
     logsnr            uniform in log sigma: DPM-Solver's logSNR, k-diffusion's and ComfyUI's ``exponential``
@@ -12,7 +12,7 @@ plugins/discrete.py.
     time-uniform      uniform in VP time t; time-quadratic: uniform in sqrt(t)
     kl-optimal        uniform in arctan(sigma) (Sabour et al. 2024)
     linear-quadratic  Mochi's: linear then quadratic in sigma / sigma_max (ComfyUI's linear_quadratic)
-    flow              uniform in flow-matching time t = sigma / (1 + sigma), optionally shifted (SD3, diffusers'
+    flow              uniform in flow-matching time t = sigma / (1 + sigma), then shifted (SD3, diffusers'
                       FlowMatchEulerDiscreteScheduler)
     ays               Align Your Steps' published tables (Sabour et al. 2024), by model ``family``
     sigmas            a list given by the user, one sigma per step
@@ -29,7 +29,6 @@ from torch import Tensor
 
 from bench.adapters.flow_matching import flow_time, shift_time, sigma_of_flow_time
 from bench.core.numerics import BETA_MAX, BETA_MIN, vp_sigma, vp_time
-from bench.errors import BenchError
 from bench.hookspecs import hookimpl
 
 # Tolerance of range checks: a sigma given with a few digits (an AYS table, a user's list) may overshoot the

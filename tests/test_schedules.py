@@ -246,7 +246,8 @@ def test_simple_is_comfyuis(grid):
 
 
 def test_ddim_uniform(grid):
-    assert torch.equal(make_sigmas("ddim-uniform", 10, grid), at(grid, [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]))
+    expected = at(grid, [901, 801, 701, 601, 501, 401, 301, 201, 101, 1])
+    assert torch.equal(make_sigmas("ddim-uniform", 10, grid), expected)
     # N = 7: stride 142, ComfyUI also takes 995; the 7 lowest are kept
     assert torch.equal(make_sigmas("ddim-uniform", 7, grid), at(grid, [853, 711, 569, 427, 285, 143, 1]))
     for steps in (3, 10, 25):
