@@ -310,3 +310,15 @@ def test_comfyui_names_are_aliases(gmm2d):
     for alias, name in [("kl_optimal", "kl-optimal"), ("linear_quadratic", "linear-quadratic"),
                         ("sgm_uniform", "sgm-uniform")]:
         assert torch.equal(make_sigmas(alias, 6, gmm2d), make_sigmas(name, 6, gmm2d))
+
+
+def test_time_uniform_is_k_diffusions_vp(k_sampling):
+    # get_sigmas_vp: t uniform from 1 to eps_s = 1e-3 on the VP-SDE's clock (beta_d = 19.9, beta_min = 0.1); ours
+    # spans a model's range, so a model whose range is sigma(1e-3) .. sigma(1)
+    def vp(t):
+        return math.sqrt(math.expm1(19.9 * t**2 / 2 + 0.1 * t))
+
+    model = type("VP", (), {"sigma_min": vp(1e-3), "sigma_max": vp(1.0), "name": "vp"})()
+    with default_dtype(torch.float64):
+        theirs = k_sampling.get_sigmas_vp(12)
+    torch.testing.assert_close(make_sigmas("time-uniform", 12, model), theirs, rtol=1e-12, atol=0)
