@@ -124,3 +124,12 @@ def test_adapter_errors():
     model = FlowMatchingDenoiser(Recorder(), shape=(3,))
     with pytest.raises(ValueError, match="unconditional"):
         model(torch.zeros(2, 3), torch.ones(2), torch.tensor([0, 1]))
+
+
+def test_float16_needs_a_smaller_t_max():
+    model = FlowMatchingDenoiser(Recorder(), shape=(3,))
+    with pytest.raises(ValueError, match=r"float16 cannot hold x_T.*t_max <= 1 - 1e-4"):
+        model(torch.zeros(2, 3, dtype=torch.float16), torch.ones(2))
+    small = FlowMatchingDenoiser(Recorder(), shape=(3,), t_max=1 - 1e-4)
+    assert small.sigma_max == pytest.approx(9999, rel=1e-9)
+    assert small(torch.zeros(2, 3, dtype=torch.float16), torch.ones(2)).dtype == torch.float16

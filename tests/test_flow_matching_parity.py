@@ -90,3 +90,20 @@ def test_a_saved_flow_matching_folder_loads_through_the_diffusers_plugin(tmp_pat
                                    atol=0)
     with pytest.raises(BenchError, match=r"timestep_rounding='round' applies to VP models"):
         bench.load_model("diffusers", path=str(tmp_path), timestep_rounding="round")
+
+
+def test_class_labels_reach_a_class_conditional_network():
+    from peers import TINY_NUM_CLASSES, tiny_unet
+
+    unet = tiny_unet(seed=1, class_conditional=True)
+    model = FlowMatchingDenoiser(unet, num_classes=TINY_NUM_CLASSES)
+    labels = torch.tensor([0, 3, 3, 9])
+    x, sigma = torch.randn(4, 3, 8, 8), torch.tensor([0.1, 1.0, 1.0, 30.0])
+    t = sigma / (1 + sigma)
+    with torch.inference_mode():
+        velocity = unet(x / (1 + sigma.view(-1, 1, 1, 1)), t * 1000, class_labels=labels).sample
+        expected = x / (1 + sigma.view(-1, 1, 1, 1)) - t.view(-1, 1, 1, 1) * velocity
+        assert relative_deviation(model(x, sigma, labels), expected) <= 1e-6
+        assert relative_deviation(model(x, sigma, labels.flip(0)), expected) > 1e-3
+    out = bench.sample(model, "euler", nfe=5, n=4, labels=labels, schedule="flow", warmup=False)
+    assert torch.isfinite(out.x).all()

@@ -41,6 +41,7 @@ from bench.errors import BenchError
 
 PREDICTIONS = ("velocity", "x0")
 PURE_NOISE_SIGMA = 1e8  # the sigma that stands in for t = 1 (module docstring)
+FLOAT16_MAX = 65504.0
 
 
 def flow_time(sigma: Any) -> Any:
@@ -110,6 +111,10 @@ class FlowMatchingDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         """D(x; sigma) for x [batch, *shape] and sigma [batch]."""
+        if x.dtype == torch.float16 and self.sigma_max > FLOAT16_MAX:
+            raise ValueError(f"float16 cannot hold x_T = sigma_max eps with sigma_max = {self.sigma_max:.4g} "
+                             f"(t_max = {self.t_max}): build the model with t_max <= 1 - 1e-4, or sample in float32 "
+                             "or bfloat16")
         sigma = sigma.to(dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         # the time in at least float32 (float16 cannot hold 1 - 1e-4); the ends of the range exactly
         t = flow_time(sigma.to(torch.promote_types(sigma.dtype, torch.float32)))
