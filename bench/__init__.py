@@ -16,6 +16,7 @@ import importlib.metadata
 __version__ = importlib.metadata.version("samplerbench")
 
 from bench.adapters.diffusers import from_diffusers
+from bench.adapters.flow_matching import from_flow_matching
 from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.core.options import SolverOptions, option
 from bench.core.sampling import SampleOutput, load_model, sample
@@ -46,6 +47,6 @@ def list_metrics() -> list[str]:
 
 __all__ = [
     "BenchError", "CountingDenoiser", "Denoiser", "Metric", "Plan", "SampleOutput", "Solver", "SolverOptions",
-    "StepSolver", "hookimpl", "from_diffusers", "list_metrics", "list_models", "list_schedules", "list_solvers",
-    "load_model", "option", "read_results", "sample",
+    "StepSolver", "hookimpl", "from_diffusers", "from_flow_matching", "list_metrics", "list_models",
+    "list_schedules", "list_solvers", "load_model", "option", "read_results", "sample",
 ]

@@ -278,7 +278,7 @@ def test_axes_are_not_empty_and_hold_no_repeats(tmp_path, edit, message):
     ('name = "heun"\nschedules = [{name = "karras", rho = "x"}]',
      r"solvers\[2\].schedules\[1\].rho: schedule 'karras' takes a number for 'rho'; got 'x'"),
     ('name = "heun"\nschedules = [{name = "karras", sigma_min = 1.0, sigma_max = 0.1}]',
-     r"solvers\[2\].schedules\[1\]: schedule 'karras' has no option 'sigma_min' \(its options: rho\)"),
+     r"solvers\[2\].schedules\[1\]: schedule 'karras' has no option 'sigma_max' \(its options: rho, sigma_min\)"),
     ('name = "deis"\norder = 2.0', r"solvers\[2\]: solver 'deis': order must be 1, 2 or 3; got 2.0"),
     ('name = "dpm-solver++"\nsde = "yes"', r"solvers\[2\]: solver 'dpm-solver\+\+': sde must be .*; got 'yes'"),
     ('name = "edm-stochastic"\ns_churn = inf', r"solvers\[2\].s_churn: numbers must be finite; got inf"),

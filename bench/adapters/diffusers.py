@@ -20,6 +20,11 @@ that sqrt(a) = c and sqrt(1 - a) = sigma c):
                       sqrt(a) x_vp - sqrt(1 - a) v = a x0 + (1 - a) x0 = x0, and sqrt(a) x_vp = c^2 x)
     "sample":        x0 = the output
 
+The timestep the network sees is the exact (fractional) one of sigma, unless ``timestep_rounding="round"``: then the
+nearest integer, as diffusers' multistep schedulers (DPMSolverMultistep, UniPC, DEIS...) feed it with
+use_karras_sigmas=True, where they step on the exact Karras sigmas but evaluate the network at
+round(sigma_to_t(sigma)). With that option our dpm-solver++ on the karras schedule reproduces theirs.
+
     model = bench.from_diffusers(unet, scheduler)                      # in memory
     model = bench.adapters.diffusers.load_diffusers("path/to/folder")   # saved with save_pretrained; no download
     model = bench.load_model("diffusers", path="path/to/folder")       # the same, as a model plugin
@@ -42,6 +47,7 @@ from torch import Tensor, nn
 from bench.errors import BenchError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_ROUNDINGS = ("none", "round")
 INSTALL_HINT = "pip install samplerbench[diffusers]"
 
 # Zero-terminal-SNR schedules (rescale_betas_zero_snr) end with alpha_cumprod = 0, an infinite sigma; that entry
@@ -83,7 +89,8 @@ class DiffusersDenoiser(nn.Module):
     Attributes: ``shape`` (channels, height, width), ``sigma_min`` / ``sigma_max`` (the ends of the training
     grid), ``sigma_data`` (0.5 unless given: images in [-1, 1]), ``num_classes`` (the UNet2DModel class embedding's
     ``num_class_embeds``; None otherwise), ``sigmas_discrete`` (the training grid, float64 [T], increasing in t),
-    ``prediction_type``.
+    ``prediction_type``, ``timestep_rounding`` ("none": the exact fractional timestep; "round": the nearest
+    integer, as diffusers' multistep schedulers with use_karras_sigmas).
 
     ``cond``: class labels [batch] for a class-conditional UNet2DModel; the encoder_hidden_states tensor
     [batch, tokens, dim] for a UNet2DConditionModel (text-conditional: it has no class labels, so num_classes is
@@ -95,11 +102,16 @@ class DiffusersDenoiser(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str, *,
-                 sigma_data: float = 0.5, name: str = "diffusers", source_files: tuple[Path, ...] = ()) -> None:
+                 sigma_data: float = 0.5, name: str = "diffusers", source_files: tuple[Path, ...] = (),
+                 timestep_rounding: str = "none") -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise BenchError(f"scheduler prediction_type {prediction_type!r} is not supported "
                              f"(supported: {', '.join(PREDICTION_TYPES)})")
+        if timestep_rounding not in TIMESTEP_ROUNDINGS:
+            raise BenchError(f"timestep_rounding {timestep_rounding!r} is not supported "
+                             f"(supported: {', '.join(TIMESTEP_ROUNDINGS)})")
+        self.timestep_rounding = timestep_rounding
         config = unet.config
         self.unet = unet
         self.name = name
@@ -165,7 +177,8 @@ class DiffusersDenoiser(nn.Module):
         dtype = torch.promote_types(sigma.dtype, torch.float32)
         sigma = sigma.to(dtype)
         sigmas, log_sigmas = self._grid_as(dtype, sigma.device)
-        return sigma_to_timestep(sigma, sigmas, log_sigmas)
+        timestep = sigma_to_timestep(sigma, sigmas, log_sigmas)
+        return timestep.round() if self.timestep_rounding == "round" else timestep
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         """D(x; sigma) for x [batch, *shape] and sigma [batch]; ``cond`` as in the class docstring."""
@@ -214,29 +227,36 @@ class DiffusersDenoiser(nn.Module):
     @functools.cached_property
     def content_hash(self) -> str | None:
         """sha256 over the configs and weights this model was loaded from (None when built in memory)."""
-        if not self.source_files:
-            return None
-        digest = hashlib.sha256()
-        for path in self.source_files:
-            digest.update(path.name.encode())
-            with open(path, "rb") as file:
-                for block in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return files_sha256(self.source_files)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, shape={self.shape}, prediction_type={self.prediction_type!r}, "
                 f"timesteps={len(self.sigmas_discrete)}, sigma_min={self.sigma_min:.4g}, "
-                f"sigma_max={self.sigma_max:.4g}, num_classes={self.num_classes}")
+                f"sigma_max={self.sigma_max:.4g}, num_classes={self.num_classes}, "
+                f"timestep_rounding={self.timestep_rounding!r}")
 
 
-def from_diffusers(unet: nn.Module, scheduler: Any, *, sigma_data: float = 0.5,
-                   name: str = "diffusers") -> DiffusersDenoiser:
+def files_sha256(paths: tuple[Path, ...]) -> str | None:
+    """sha256 over the names and contents of ``paths``, in order; None for none."""
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def from_diffusers(unet: nn.Module, scheduler: Any, *, sigma_data: float = 0.5, name: str = "diffusers",
+                   timestep_rounding: str = "none") -> DiffusersDenoiser:
     """Wrap a diffusers UNet (UNet2DModel or UNet2DConditionModel) and a DDPM-family scheduler as a Denoiser.
 
     Only the scheduler's training schedule is used: its ``alphas_cumprod`` (from betas: linear, scaled_linear,
     squaredcos_cap_v2, or trained_betas) and ``config.prediction_type``; which sampler it implements does not
     matter, solvers are chosen in the harness. The UNet is put in eval mode and shared, not copied.
+    ``timestep_rounding="round"`` feeds the network integer timesteps (see the module docstring).
     """
     import_diffusers()
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
@@ -249,7 +269,7 @@ def from_diffusers(unet: nn.Module, scheduler: Any, *, sigma_data: float = 0.5,
         raise BenchError(f"scheduler {type(scheduler).__name__} has timestep_type={config.timestep_type!r}; "
                          "only models trained on discrete timesteps ('discrete') are supported")
     return DiffusersDenoiser(unet.eval(), alphas_cumprod, getattr(config, "prediction_type", "epsilon"),
-                             sigma_data=sigma_data, name=name)
+                             sigma_data=sigma_data, name=name, timestep_rounding=timestep_rounding)
 
 
 def _model_folders(path: Path) -> tuple[Path, Path]:
@@ -274,8 +294,10 @@ def _class_from_config(diffusers, config_file: Path, base: type, kind: str) -> t
 
 
 def load_diffusers(path: str | Path, device: str | torch.device = "cpu", *, sigma_data: float = 0.5,
-                   name: str = "diffusers") -> DiffusersDenoiser:
-    """A DiffusersDenoiser from a local folder (see _model_folders for the layouts), on ``device``.
+                   name: str = "diffusers", timestep_rounding: str = "none") -> nn.Module:
+    """A DiffusersDenoiser from a local folder (see _model_folders for the layouts), on ``device``; a
+    FlowMatchingDenoiser (bench/adapters/flow_matching.py, velocity prediction) when its scheduler is a
+    flow-matching one (FlowMatchEulerDiscreteScheduler).
 
     Weights are read from safetensors only and with local_files_only: loading never touches the network.
     """
@@ -296,6 +318,16 @@ def load_diffusers(path: str | Path, device: str | torch.device = "cpu", *, sigm
         scheduler = scheduler_class.from_pretrained(scheduler_folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise BenchError(f"could not load the diffusers model in {str(path)!r}: {error}") from None
-    model = from_diffusers(unet, scheduler, sigma_data=sigma_data, name=name)
-    model.source_files = (unet_folder / "config.json", scheduler_folder / "scheduler_config.json", *weights)
+    source_files = (unet_folder / "config.json", scheduler_folder / "scheduler_config.json", *weights)
+    if getattr(scheduler, "alphas_cumprod", None) is None and hasattr(scheduler.config, "shift"):
+        from bench.adapters.flow_matching import from_flow_matching
+
+        if timestep_rounding != "none":
+            raise BenchError(f"timestep_rounding={timestep_rounding!r} applies to VP models on a discrete grid; "
+                             f"{type(scheduler).__name__} is a flow-matching scheduler")
+        flow_model = from_flow_matching(unet, scheduler, sigma_data=sigma_data, name=name)
+        flow_model.content_hash = files_sha256(source_files)
+        return flow_model.to(device)
+    model = from_diffusers(unet, scheduler, sigma_data=sigma_data, name=name, timestep_rounding=timestep_rounding)
+    model.source_files = source_files
     return model.to(device)
