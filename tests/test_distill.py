@@ -10,6 +10,7 @@ import torch
 
 import bench
 from bench.adapters.checkpoints import load_checkpoint, pretrained_dir, read_manifest
+from bench.cli import main
 from bench.errors import BenchError
 from bench.sweep.suite import parse_suite
 from plugins.digits.denoiser import DigitsDenoiser, load_digits_model
@@ -91,15 +92,20 @@ def test_a_round_is_deterministic_given_the_seed(model):
     assert record["steps"] == 2 and record["loss"] > 0 and record["grid"] == progressive(2, model).tolist()
 
 
-@pytest.fixture(scope="module")
-def tiny_students(tmp_path_factory):
-    """The recipe, 2 steps of 8 images per round, in a folder holding a copy of the shipped digits model."""
-    directory = tmp_path_factory.mktemp("students")
+def copy_teacher(directory):
+    """The shipped digits model and its classifier, with a manifest of just them, copied into ``directory``."""
     manifest = read_manifest()
     for name in (MODEL_NAME, CLASSIFIER_NAME):
         shutil.copy(pretrained_dir() / manifest[name]["file"], directory / manifest[name]["file"])
     (directory / "manifest.json").write_text(json.dumps({name: manifest[name] for name in (MODEL_NAME,
                                                                                             CLASSIFIER_NAME)}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_students(tmp_path_factory):
+    """The recipe, 2 steps of 8 images per round, in a folder holding a copy of the shipped digits model."""
+    directory = copy_teacher(tmp_path_factory.mktemp("students"))
     entries = distill_recipe(["--steps", "2", "--batch-size", "8", "--rounds", "2", "--no-evaluate",
                               "--out", str(directory)])
     return directory, entries
@@ -117,6 +123,14 @@ def test_the_recipe_saves_each_student_with_its_record(tiny_students):
     assert load_student(teacher, 4, directory).checkpoint_sha256 == manifest[student_name(4)]["sha256"]
     with pytest.raises(BenchError, match=r"digits-student-2.*samplerbench train digits --distill"):
         load_student(teacher, 2, directory)  # two rounds made no student of 2 steps
+
+
+def test_the_command_line_runs_the_students_recipe_with_distill(tmp_path):
+    directory = copy_teacher(tmp_path)
+    assert main(["train", "digits", "--distill", "--steps", "1", "--batch-size", "4", "--rounds", "1",
+                 "--no-evaluate", "--out", str(directory)]) == 0
+    entry = read_manifest(directory)[student_name(8)]
+    assert entry["arguments"][:4] == ["--seed", "0", "--steps", "1"] and entry["training"]["steps"] == 1
 
 
 def test_distilled_samples_only_at_its_own_nfe_and_grid(tiny_students, monkeypatch):

@@ -21,6 +21,10 @@ The grid. Progressive distillation halves a fixed grid: the students of 8, 4, 2 
 8th and 16th point of a grid of BASE_STEPS = 16 steps, EDM's (Karras et al. 2022, Eq. 5, rho = 7) over the model's
 [sigma_min, sigma_max] with 0 appended. The schedule `progressive` gives it for any model and any N dividing 16;
 `ddim` on the teacher with it is the teacher the N-step student imitates.
+
+Guidance. The students were distilled from the conditional and the unconditional ("no label") sampler; under
+classifier-free guidance the harness combines the student's own two predictions, which no round was trained to
+match: measured, not promised.
 """
 
 from __future__ import annotations
