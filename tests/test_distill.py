@@ -175,3 +175,16 @@ def test_the_shipped_one_step_student_draws_digits_of_their_label(model):
     assert out.nfe == 1
     accuracy = (model.classify(out.x).argmax(1) == labels).double().mean().item()
     assert accuracy > 0.8, accuracy
+
+
+def test_a_tampered_student_is_refused(model, tmp_path):
+    directory = copy_teacher(tmp_path)
+    manifest = read_manifest()
+    entry = manifest[student_name(2)]
+    data = bytearray((pretrained_dir() / entry["file"]).read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    (directory / entry["file"]).write_bytes(bytes(data))
+    listed = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps({**listed, student_name(2): entry}))
+    with pytest.raises(BenchError, match=r"digits-student-2.* does not match its manifest, refusing to load it"):
+        load_student(model, 2, directory)
