@@ -177,8 +177,9 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         sigmas = make_sigmas(schedule, plan.steps, model, plugins, **(schedule_options or {}))
     if guidance_type not in GUIDANCE_KINDS:
         raise unknown_name("guidance type", guidance_type, GUIDANCE_KINDS)
+    network = solver.network(model, plan, sigmas)  # the model, or a distilled solver's own student of it
     try:
-        network = GUIDANCE_KINDS[guidance_type](model, guidance) if guidance else model  # w = 0: plain conditional
+        network = GUIDANCE_KINDS[guidance_type](network, guidance) if guidance else network  # w = 0: conditional
     except ValueError as error:
         raise BenchError(str(error)) from None
     if precision not in PRECISIONS:

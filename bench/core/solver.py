@@ -103,6 +103,12 @@ class Solver:
         """The order of each step of a plan of ``steps`` steps, for solvers that vary it (computed once, by plan)."""
         return ()
 
+    def network(self, model: Any, plan: Plan, sigmas: Tensor) -> Any:
+        """What this solver calls to sample ``model`` on ``sigmas``: the model itself, for every solver but one
+        that samples with a network of its own (a distilled student, which may refuse a model or a grid it was not
+        distilled for). The harness wraps guidance and counting around what it returns, so its calls are counted."""
+        return model
+
     def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
         raise NotImplementedError
 

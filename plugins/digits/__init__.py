@@ -11,23 +11,36 @@ This module only tells the harness what the plugin provides; each idea lives in 
     denoiser.py   EDM's preconditioning, the label convention (-1: no label) and load_digits_model
     evaluate.py   the figures the recipe records: accuracy, FID, class accuracy under guidance
     train.py      the recipe `samplerbench train digits` and its command line
+    students.py   the distilled students: their grid (schedule `progressive`), loading, the solver `distilled`
+    distill.py    progressive distillation, `samplerbench train digits --distill`
 
-Imports run one way, data -> networks -> weights -> features -> denoiser -> evaluate -> train, and reach outside the
-package only into bench.
+Imports run one way, data -> networks -> weights -> features -> denoiser -> evaluate -> train -> students ->
+distill, and reach outside the package only into bench.
 """
 
 from bench.hookspecs import hookimpl
 from bench.measure.metrics import Metric
 
 from .denoiser import load_digits_model
+from .distill import recipe
 from .features import class_accuracy
-from .train import train_recipe
+from .students import Distilled, progressive
 from .weights import MODEL_NAME
 
 
 @hookimpl
 def register_models(register):
-    register(load_digits_model, name=MODEL_NAME, train=train_recipe)
+    register(load_digits_model, name=MODEL_NAME, train=recipe)
+
+
+@hookimpl
+def register_solvers(register):
+    register(Distilled, name="distilled")
+
+
+@hookimpl
+def register_schedules(register):
+    register(progressive, name="progressive")
 
 
 @hookimpl

@@ -157,7 +157,9 @@ def train_denoiser(steps: int, seed: int, device: str | torch.device = "cpu", ba
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=RECIPE, description="Train the digits feature network (classifier), "
-                                     "then the diffusion model; evaluate both and save them to pretrained/.")
+                                     "then the diffusion model; evaluate both and save them to pretrained/. "
+                                     "With --distill: distill the model into few-step students instead (see "
+                                     "--distill --help).")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise (default 0)")
     parser.add_argument("--steps", type=int, default=8000, help="diffusion-model training steps (default 8000)")
     parser.add_argument("--batch-size", type=int, default=128, help="diffusion-model batch size (default 128)")
