@@ -19,6 +19,11 @@ hookspec = pluggy.HookspecMarker("samplerbench")
 hookimpl = pluggy.HookimplMarker("samplerbench")
 
 
+# Every ``register`` also takes ``data=fn``: for a plugin that loads files beside its code (checkpoints), ``fn()``
+# returns their identity, {name: sha256}. A cell's key covers it as it covers the code, so new weights recompute
+# the cells that used the old ones.
+
+
 @hookspec
 def register_solvers(register):
     """Register solver classes: ``register(cls, name=..., aliases=())``. ``cls(**options)`` builds one."""

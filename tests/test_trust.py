@@ -160,6 +160,26 @@ def test_the_key_covers_each_plugins_distribution_version(tmp_path):
     assert load_suite(suite_path, plugins=plugins).cells[0].key != key
 
 
+def test_the_key_covers_the_weights_a_plugin_loads(tmp_path, monkeypatch):
+    # digits registers data=shipped_weights: a manifest naming other weights (a retrain) gives the cells other keys
+    import json
+    import shutil
+
+    from bench.adapters.checkpoints import pretrained_dir
+
+    suite_path = write_suite(tmp_path, 'n = 8\nnfe = [4]\nmetrics = ["class_accuracy"]\n[[models]]\nname = "digits"\n'
+                                       '[[solvers]]\nname = "euler"\n')
+    key = load_suite(suite_path).cells[0].key
+    retrained = tmp_path / "pretrained"
+    shutil.copytree(pretrained_dir(), retrained)
+    manifest = json.loads((retrained / "manifest.json").read_text())
+    manifest["digits"]["sha256"] = "0" * 64
+    (retrained / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("SAMPLERBENCH_PRETRAINED", str(retrained))
+    cell = load_suite(suite_path).cells[0]
+    assert cell.key != key and json.loads(cell.code)["model"]["data"]["digits"] == "0" * 64
+
+
 def test_rerun_recomputes_the_cells_it_names(tmp_path):
     text = ONE_SOLVER_SUITE.format(solver="euler") + '\n[[solvers]]\nname = "heun"\nnfe = [5]\n'
     suite = load_suite(write_suite(tmp_path, text))

@@ -74,8 +74,12 @@ def component_identity(plugins: PluginManager, kind: str, name: str) -> dict[str
     registration = plugins.get(kind, name)
     info = plugins.plugin(registration.plugin)
     module = defining_module(registration.obj)
-    return {"name": registration.name, "plugin": registration.plugin, "distribution": info.distribution,
-            "version": info.version, "module": module, "sha256": module_digest(module)}
+    identity = {"name": registration.name, "plugin": registration.plugin, "distribution": info.distribution,
+                "version": info.version, "module": module, "sha256": module_digest(module)}
+    data = registration.extras.get("data")
+    if data is not None:
+        identity["data"] = data()  # the files it loads (bench/hookspecs.py): new weights, new key
+    return identity
 
 
 def harness_identity() -> dict[str, Any]:

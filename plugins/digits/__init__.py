@@ -25,17 +25,17 @@ from .denoiser import load_digits_model
 from .distill import recipe
 from .features import class_accuracy
 from .students import Distilled, progressive
-from .weights import MODEL_NAME
+from .weights import MODEL_NAME, shipped_weights
 
 
 @hookimpl
 def register_models(register):
-    register(load_digits_model, name=MODEL_NAME, train=recipe)
+    register(load_digits_model, name=MODEL_NAME, train=recipe, data=shipped_weights)
 
 
 @hookimpl
 def register_solvers(register):
-    register(Distilled, name="distilled")
+    register(Distilled, name="distilled", data=shipped_weights)
 
 
 @hookimpl
@@ -46,4 +46,4 @@ def register_schedules(register):
 @hookimpl
 def register_metrics(register):
     register(Metric(class_accuracy, "higher", "share of samples the digits classifier reads as their label"),
-             name="class_accuracy")
+             name="class_accuracy", data=shipped_weights)

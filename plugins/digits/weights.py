@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.adapters.checkpoints import Checkpoint, load_checkpoint, load_checkpoint_file
+from bench.adapters.checkpoints import Checkpoint, load_checkpoint, load_checkpoint_file, read_manifest
 
 from .networks import DigitsClassifier, DigitsUNet
 
 MODEL_NAME = "digits"  # the diffusion model's checkpoint, and the model's name in the harness
 CLASSIFIER_NAME = "digits-classifier"  # the checkpoint of the feature network
 RECIPE = "samplerbench train digits"
+
+
+def shipped_weights() -> dict[str, str]:
+    """The sha256 of every checkpoint the manifest in use lists (the model, the classifier, the students), by name:
+    the identity of the weights behind a cell, which its key covers, so retrained weights recompute their cells."""
+    return {name: str(entry.get("sha256")) if isinstance(entry, dict) else "?"
+            for name, entry in sorted(read_manifest().items())}
 
 
 def load_unet(directory: str | Path | None = None) -> tuple[DigitsUNet, Checkpoint]:
