@@ -66,7 +66,8 @@ class DPMPlusPlus3MSDE(StepSolver):
     @property
     def order_note(self) -> str:
         if self.stochastic:
-            return "eta > 0: weak order 1 (bench.tools.weak_order), of the error in distribution"
+            return ("eta > 0: weak order 2, of the error in distribution, measured on a Gaussian "
+                    "(bench.tools.weak_order)")
         return f"its D'' term has half its Taylor weight (as the published 3M), and {WARMUP_CAP}"
 
     @property
