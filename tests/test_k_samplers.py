@@ -1,0 +1,197 @@
+"""The samplers users know from k-diffusion and ComfyUI (plugins/ancestral.py, plugins/multistep_sde.py,
+plugins/lms.py, the presets of plugins/ddim.py and plugins/dpm_solver_pp.py): their orders, their identities with the
+solvers they are presets of, and their samples. Parity with k-diffusion itself: tests/test_k_diffusion_parity.py.
+
+Orders, each as declared:
+- deterministic: the slope of log(trajectory error) against log(steps) on gmm2d over sigma in [0.002, 0.5], logsnr
+  grid, 96..384 steps (bench.tools.convergence; tests/test_multistep_solvers.py explains the regime). Measured over
+  96..768: dpm-2 1.97, dpm++2s-ancestral and dpm++sde with eta = 0 1.97, lms-2/3/4 1.96/2.04/2.05 (the warm-up caps
+  3 and 4 at 2), res-multistep 1.97, dpm++3m-sde with eta = 0 2.03, gradient-estimation 0.90 (last slope 0.96).
+- stochastic: the slope of the exact W2 distance between the output's law and the target's, on a Gaussian
+  (bench.tools.weak_order). Measured over 32..512 steps, karras: euler-ancestral 0.96, dpm-2-ancestral 2.04,
+  dpm++2s-ancestral 1.96, dpm++sde 2.16 (eta = 0.5: 2.00; independent draws: 0.83), dpm++2m-sde heun 2.12,
+  dpm++3m-sde 1.92 (eta = 0.5: 1.85, slopes rising to 1.97), euler-maruyama 1.04 (for reference).
+"""
+
+import math
+import re
+
+import pytest
+import torch
+
+import bench
+from bench.core.sampling import get_solver
+from bench.errors import BenchError
+from bench.measure.distances import Statistics, feature_statistics, frechet_distance
+from bench.tools.convergence import SigmaRange, fitted_order, reference_for, trajectory_errors
+from bench.tools.weak_order import gaussian_data, output_law, weak_errors
+from helpers import assert_same_samples
+from plugins.lms import lagrange_integrals
+from plugins.metrics import _true_moments
+
+DETERMINISTIC = [("dpm-2", {}, 2), ("dpm++2s-ancestral", {"eta": 0.0}, 2), ("dpm++sde", {"eta": 0.0}, 2),
+                 ("lms", {"order": 2}, 2), ("lms", {}, 2), ("res-multistep", {}, 2), ("dpm++3m-sde", {"eta": 0.0}, 2),
+                 ("gradient-estimation", {}, 1)]
+STOCHASTIC = [("euler-ancestral", {}, 1), ("dpm-2-ancestral", {}, 2), ("dpm++2s-ancestral", {}, 2),
+              ("dpm++sde", {}, 2), ("dpm++sde", {"eta": 0.5}, 2), ("dpm++sde", {"brownian": False}, 1),
+              ("dpm++2m-sde", {}, 2), ("dpm++2m-sde", {"solver_type": "heun"}, 2), ("dpm++3m-sde", {}, 2)]
+TWO_CALLS = ["dpm-2", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the analytic models' small matrix products gain nothing from a second thread, and on a shared machine two
+    # torch threads spin-wait on each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def case_id(case) -> str:
+    solver, options = case[:2]
+    return solver + "".join(f",{key}={value}" for key, value in options.items())
+
+
+@pytest.fixture(scope="module")
+def asymptotic():
+    model = SigmaRange(bench.load_model("gmm2d"), 0.002, 0.5)
+    return model, reference_for(model, 128, tolerance=1e-12)
+
+
+@pytest.mark.parametrize("solver, options, order", DETERMINISTIC, ids=[case_id(case) for case in DETERMINISTIC])
+def test_deterministic_order(asymptotic, solver, options, order):
+    instance = get_solver(solver, **options)
+    assert instance.order == order and not instance.stochastic
+    model, reference = asymptotic
+    steps = [96, 192, 384]
+    slope = fitted_order(steps, trajectory_errors(model, reference, solver, steps, "logsnr", **options))
+    assert abs(slope - order) <= 0.15, f"{case_id((solver, options))}: fitted {slope:.3f}, order {order}"
+
+
+@pytest.mark.parametrize("solver, options, order", STOCHASTIC, ids=[case_id(case) for case in STOCHASTIC])
+def test_weak_order(solver, options, order):
+    instance = get_solver(solver, **options)
+    assert instance.order == order and instance.stochastic
+    steps = [64, 128, 256]
+    slope = fitted_order(steps, weak_errors(gaussian_data(), solver, steps, **options))
+    assert abs(slope - order) <= 0.25, f"{case_id((solver, options))}: fitted weak order {slope:.3f}, order {order}"
+
+
+def test_the_weak_order_tool_computes_the_output_law():
+    # the law read off the affine map is the law of the samples: 20,000 draws through the sampler itself agree
+    model, solver, n = gaussian_data(), get_solver("dpm++sde"), 20_000
+    exact = output_law(model, solver, 6)
+    sigmas = bench.core.sampling.make_sigmas("karras", 6, model)
+    generator = torch.Generator().manual_seed(0)
+    x_T = model.mu + torch.randn(n, 2, dtype=torch.float64, generator=generator) @ torch.linalg.cholesky(
+        model.noisy_covariance(sigmas[0].item())).T
+    draws = {}
+    samples = solver.sample(lambda x, sigma: model(x, torch.full((n,), sigma, dtype=torch.float64)), x_T, sigmas,
+                            solver.plan(11), lambda k: draws.setdefault(k, torch.randn(n, 2, dtype=torch.float64,
+                                                                                        generator=generator)))
+    empirical = feature_statistics(samples)
+    assert len(draws) == 10  # two a step, none on the last
+    # sampling noise of the moments at n = 20,000: ~1e-2 of the scale; a missing or doubled draw is off by far more
+    torch.testing.assert_close(empirical.mean, exact.mean, rtol=0, atol=0.02)
+    torch.testing.assert_close(empirical.covariance, exact.covariance, rtol=0.05, atol=0.005)
+    # and a fine run reaches the target
+    assert frechet_distance(output_law(model, solver, 400), model.target()) < 1e-6
+
+
+@pytest.mark.parametrize("solver, options", [case[:2] for case in STOCHASTIC if case[0] != "dpm++2m-sde"],
+                         ids=[case_id(case) for case in STOCHASTIC if case[0] != "dpm++2m-sde"])
+def test_stochastic_samplers_sample_gmm2d(gmm2d, solver, options):
+    # the nonlinear model, sampled: 2-D Frechet distance between n = 4096 samples and the true moments, whose
+    # sampling noise is ~3e-4; a wrong noise scale or drift shows at > 1e-2
+    instance = get_solver(solver, **options)
+    out = bench.sample(gmm2d, solver, nfe=instance.nfe_for_steps(100), n=4096, seed=2, dtype=torch.float64,
+                       warmup=False, **options)
+    mean, covariance = _true_moments(gmm2d, None)
+    assert frechet_distance(feature_statistics(out.x), Statistics(mean, covariance)) < 3e-3
+    assert out.stochastic
+
+
+@pytest.mark.parametrize("solver", ["euler-ancestral", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde",
+                                    "dpm++3m-sde"])
+def test_noise_is_per_sample(gmm2d, solver):
+    whole = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5)
+    split = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5, batch_size=3)
+    assert_same_samples(whole, split, gmm2d)
+    assert not torch.equal(whole.x, bench.sample(gmm2d, solver, nfe=9, n=10, seed=6).x)
+
+
+@pytest.mark.parametrize("solver", TWO_CALLS)
+def test_two_call_samplers_spend_their_budget(gmm2d, solver):
+    instance = get_solver(solver)
+    for budget in range(1, 24):
+        out = bench.sample(gmm2d, solver, nfe=budget, n=4, warmup=False)
+        assert out.nfe == out.plan.nfe == 2 * out.plan.steps - 1 <= budget < instance.nfe_for_steps(out.plan.steps + 1)
+
+
+# ------------------------------------------------------------------------------- the presets are their solvers
+
+@pytest.mark.parametrize("preset, options, solver, solver_options", [
+    ("euler-ancestral", {}, "ddim", {"eta": 1.0}),
+    ("euler-ancestral", {"eta": 0.0}, "euler", {}),
+    ("dpm++2m", {}, "dpm-solver++", {}),
+    ("dpm++2m-sde", {"solver_type": "heun"}, "dpm-solver++", {"sde": True, "solver_type": "heun"}),
+    ("res-multistep", {}, "dpm-solver++", {"solver_type": "heun"}),
+    ("dpm-2-ancestral", {"eta": 0.0}, "dpm-2", {}),
+    ("gradient-estimation", {"gamma": 1.0}, "euler", {}),
+])
+def test_presets_are_the_solvers_they_name(gmm_image, preset, options, solver, solver_options):
+    ours = bench.sample(gmm_image, preset, nfe=11, n=8, seed=1, dtype=torch.float64, **options)
+    theirs = bench.sample(gmm_image, solver, nfe=11, n=8, seed=1, dtype=torch.float64, **solver_options)
+    torch.testing.assert_close(ours.x, theirs.x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver, options, message", [
+    ("dpm++2m-sde", {"sde": False}, r"sde must be one of True; got False"),
+    ("res-multistep", {"solver_type": "midpoint"}, r"solver_type must be one of 'heun'; got 'midpoint'"),
+    ("dpm++2m", {"order": 3}, r"order must be one of 2; got 3"),
+    ("euler-ancestral", {"eta": -1.0}, r"eta must be >= 0"),
+    ("dpm++sde", {"r": 1.0}, r"r must be in \(0, 1\); got 1.0"),
+    ("lms", {"order": 7}, r"order must be 1, 2, 3, 4, 5 or 6; got 7"),
+    ("dpm++3m-sde", {"s_noise": -0.5}, r"s_noise must be >= 0"),
+    ("gradient-estimation", {"gamma": 0.0}, r"gamma must be > 0"),
+])
+def test_bad_options_say_what_is_allowed(gmm2d, solver, options, message):
+    with pytest.raises(BenchError, match=rf"solver {re.escape(repr(solver))}: {message}"):
+        bench.sample(gmm2d, solver, nfe=10, n=2, **options)
+
+
+def test_aliases_are_the_names_users_know():
+    for alias, name in [("euler_ancestral", "euler-ancestral"), ("dpm_2", "dpm-2"), ("dpm_2_ancestral",
+                        "dpm-2-ancestral"), ("dpmpp_2s_ancestral", "dpm++2s-ancestral"), ("dpmpp_sde", "dpm++sde"),
+                        ("dpmpp_2m", "dpm++2m"), ("dpmpp_2m_sde", "dpm++2m-sde"), ("dpmpp_3m_sde", "dpm++3m-sde"),
+                        ("res_multistep", "res-multistep"), ("gradient_estimation", "gradient-estimation")]:
+        assert get_solver(alias).name == name
+
+
+# ------------------------------------------------------------------------------------------- update rules
+
+def test_gradient_estimation_is_comfyuis_loop(gmm_image):
+    # ComfyUI's sample_gradient_estimation written out, with the harness's last step x0 = D(x; sigma_last)
+    out = bench.sample(gmm_image, "gradient-estimation", nfe=9, n=6, seed=0, dtype=torch.float64)
+    x, sigmas, old_d = out.x_T.clone(), out.sigmas, None
+    for i in range(len(sigmas) - 1):
+        denoised = gmm_image(x, torch.full((6,), sigmas[i].item(), dtype=torch.float64))
+        if sigmas[i + 1] == 0:
+            x = denoised
+            break
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        x = x + d * dt if old_d is None else x + (2.0 * d + (1 - 2.0) * old_d) * dt
+        old_d = d
+    torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("points", [[1.0], [2.0, 3.5], [0.3, 0.9, 2.0], [10.0, 14.0, 20.0, 29.0]])
+def test_lms_weights_integrate_the_lagrange_basis(points):
+    # the weights integrate every polynomial of degree < len(points) exactly: sum_j c_j p(s_j) = integral of p
+    start, end = points[0], points[0] * 0.6
+    weights = lagrange_integrals(points, start, end)
+    for degree in range(len(points)):
+        exact = (end ** (degree + 1) - start ** (degree + 1)) / (degree + 1)
+        assert math.isclose(sum(w * s**degree for w, s in zip(weights, points)), exact, rel_tol=1e-12, abs_tol=1e-12)
