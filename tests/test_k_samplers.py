@@ -1,16 +1,18 @@
 """The samplers users know from k-diffusion and ComfyUI (plugins/ancestral.py, plugins/multistep_sde.py,
-plugins/lms.py, the presets of plugins/ddim.py and plugins/dpm_solver_pp.py): their orders, their identities with the
+plugins/lms.py, plugins/er_sde.py, the presets of plugins/ddim.py and plugins/dpm_solver_pp.py): their orders, their identities with the
 solvers they are presets of, and their samples. Parity with k-diffusion itself: tests/test_k_diffusion_parity.py.
 
 Orders, each as declared:
 - deterministic: the slope of log(trajectory error) against log(steps) on gmm2d over sigma in [0.002, 0.5], logsnr
   grid, 96..384 steps (bench.tools.convergence; tests/test_multistep_solvers.py explains the regime). Measured over
   96..768: dpm-2 1.97, dpm++2s-ancestral and dpm++sde with eta = 0 1.97, lms-2/3/4 1.96/2.04/2.05 (the warm-up caps
-  3 and 4 at 2), res-multistep 1.97, dpm++3m-sde with eta = 0 2.03, gradient-estimation 0.90 (last slope 0.96).
+  3 and 4 at 2), res-multistep 1.97, dpm++3m-sde with eta = 0 2.03, gradient-estimation 0.90 (last slope 0.96),
+  er-sde with the ODE's scaler 2.02 (max_stage 2: 1.97).
 - stochastic: the slope of the exact W2 distance between the output's law and the target's, on a Gaussian
   (bench.tools.weak_order). Measured over 32..512 steps, karras: euler-ancestral 0.96, dpm-2-ancestral 2.04,
   dpm++2s-ancestral 1.96, dpm++sde 2.16 (eta = 0.5: 2.00; independent draws: 0.83), dpm++2m-sde heun 2.12,
-  dpm++3m-sde 1.92 (eta = 0.5: 1.85, slopes rising to 1.97), euler-maruyama 1.04 (for reference).
+  dpm++3m-sde 1.92 (eta = 0.5: 1.85, slopes rising to 1.97), er-sde 2.14 (max_stage 2: 2.10, 1: 0.99; the
+  reverse-time SDE's scaler f = l^2: 1.75, slopes rising to 1.97), euler-maruyama 1.04 (for reference).
 """
 
 import math
@@ -31,10 +33,12 @@ from plugins.metrics import _true_moments
 
 DETERMINISTIC = [("dpm-2", {}, 2), ("dpm++2s-ancestral", {"eta": 0.0}, 2), ("dpm++sde", {"eta": 0.0}, 2),
                  ("lms", {"order": 2}, 2), ("lms", {}, 2), ("res-multistep", {}, 2), ("dpm++3m-sde", {"eta": 0.0}, 2),
-                 ("gradient-estimation", {}, 1)]
+                 ("gradient-estimation", {}, 1), ("er-sde", {"noise_scaler": "ode"}, 2),
+                 ("er-sde", {"noise_scaler": "ode", "max_stage": 2}, 2)]
 STOCHASTIC = [("euler-ancestral", {}, 1), ("dpm-2-ancestral", {}, 2), ("dpm++2s-ancestral", {}, 2),
               ("dpm++sde", {}, 2), ("dpm++sde", {"eta": 0.5}, 2), ("dpm++sde", {"brownian": False}, 1),
-              ("dpm++2m-sde", {}, 2), ("dpm++2m-sde", {"solver_type": "heun"}, 2), ("dpm++3m-sde", {}, 2)]
+              ("dpm++2m-sde", {}, 2), ("dpm++2m-sde", {"solver_type": "heun"}, 2), ("dpm++3m-sde", {}, 2),
+              ("er-sde", {}, 2), ("er-sde", {"max_stage": 1}, 1), ("er-sde", {"noise_scaler": "sde"}, 2)]
 TWO_CALLS = ["dpm-2", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde"]
 
 
@@ -73,7 +77,8 @@ def test_deterministic_order(asymptotic, solver, options, order):
 def test_weak_order(solver, options, order):
     instance = get_solver(solver, **options)
     assert instance.order == order and instance.stochastic
-    steps = [64, 128, 256]
+    # er-sde with f = l^2 is pre-asymptotic below 128 steps (slopes 1.67, 1.53, 1.89, 1.97 from 32 to 512)
+    steps = [128, 256, 512] if options.get("noise_scaler") == "sde" else [64, 128, 256]
     slope = fitted_order(steps, weak_errors(gaussian_data(), solver, steps, **options))
     assert abs(slope - order) <= 0.25, f"{case_id((solver, options))}: fitted weak order {slope:.3f}, order {order}"
 
@@ -113,7 +118,7 @@ def test_stochastic_samplers_sample_gmm2d(gmm2d, solver, options):
 
 
 @pytest.mark.parametrize("solver", ["euler-ancestral", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde",
-                                    "dpm++3m-sde"])
+                                    "dpm++3m-sde", "er-sde"])
 def test_noise_is_per_sample(gmm2d, solver):
     whole = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5)
     split = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5, batch_size=3)
@@ -139,6 +144,8 @@ def test_two_call_samplers_spend_their_budget(gmm2d, solver):
     ("res-multistep", {}, "dpm-solver++", {"solver_type": "heun"}),
     ("dpm-2-ancestral", {"eta": 0.0}, "dpm-2", {}),
     ("gradient-estimation", {"gamma": 1.0}, "euler", {}),
+    ("er-sde", {"noise_scaler": "sde", "max_stage": 1}, "euler-ancestral", {}),  # f = l^2: DDPM's variance
+    ("er-sde", {"noise_scaler": "ode", "max_stage": 1}, "euler", {}),
 ])
 def test_presets_are_the_solvers_they_name(gmm_image, preset, options, solver, solver_options):
     ours = bench.sample(gmm_image, preset, nfe=11, n=8, seed=1, dtype=torch.float64, **options)
@@ -165,7 +172,8 @@ def test_aliases_are_the_names_users_know():
     for alias, name in [("euler_ancestral", "euler-ancestral"), ("dpm_2", "dpm-2"), ("dpm_2_ancestral",
                         "dpm-2-ancestral"), ("dpmpp_2s_ancestral", "dpm++2s-ancestral"), ("dpmpp_sde", "dpm++sde"),
                         ("dpmpp_2m", "dpm++2m"), ("dpmpp_2m_sde", "dpm++2m-sde"), ("dpmpp_3m_sde", "dpm++3m-sde"),
-                        ("res_multistep", "res-multistep"), ("gradient_estimation", "gradient-estimation")]:
+                        ("res_multistep", "res-multistep"), ("gradient_estimation", "gradient-estimation"),
+                        ("er_sde", "er-sde")]:
         assert get_solver(alias).name == name
 
 
@@ -195,3 +203,38 @@ def test_lms_weights_integrate_the_lagrange_basis(points):
     for degree in range(len(points)):
         exact = (end ** (degree + 1) - start ** (degree + 1)) / (degree + 1)
         assert math.isclose(sum(w * s**degree for w, s in zip(weights, points)), exact, rel_tol=1e-12, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("max_stage", [1, 2, 3])
+def test_er_sde_is_comfyuis_loop(gmm_image, max_stage):
+    # ComfyUI's sample_er_sde in VE (alpha = 1) written out, its integrals by scipy's adaptive quadrature in place of
+    # its 200-point Riemann sums, and the harness's last step x0 = D(x; sigma_last)
+    from scipy.integrate import quad
+
+    def scaler(l):
+        return l * (math.exp(l**0.3) + 10.0)
+
+    out = bench.sample(gmm_image, "er-sde", nfe=9, n=6, seed=0, dtype=torch.float64, max_stage=max_stage)
+    noise = bench.core.noise.NoiseStream(0, torch.arange(6), gmm_image.shape, torch.float64, "cpu")
+    x, sigmas, old_denoised, old_denoised_d = out.x_T.clone(), out.sigmas.tolist(), None, None
+    for i in range(len(sigmas) - 1):
+        denoised = gmm_image(x, torch.full((6,), sigmas[i], dtype=torch.float64))
+        if sigmas[i + 1] == 0:
+            x = denoised
+            break
+        stage, s, t = min(max_stage, i + 1), sigmas[i], sigmas[i + 1]
+        r = scaler(t) / scaler(s)
+        x = r * x + (1 - r) * denoised
+        if stage >= 2:
+            dt = t - s
+            integral = quad(lambda l: 1 / scaler(l), t, s, epsabs=0, epsrel=1e-13)[0]
+            denoised_d = (denoised - old_denoised) / (s - sigmas[i - 1])
+            x = x + (dt + integral * scaler(t)) * denoised_d
+            if stage >= 3:
+                integral_u = quad(lambda l: (l - s) / scaler(l), t, s, epsabs=0, epsrel=1e-13)[0]
+                denoised_u = (denoised_d - old_denoised_d) / ((s - sigmas[i - 2]) / 2)
+                x = x + (dt**2 / 2 + integral_u * scaler(t)) * denoised_u
+            old_denoised_d = denoised_d
+        x = x + noise(i) * math.sqrt(t**2 - s**2 * r**2)
+        old_denoised = denoised
+    torch.testing.assert_close(out.x, x, rtol=1e-10, atol=1e-10)
