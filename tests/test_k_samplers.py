@@ -1,5 +1,5 @@
 """The samplers users know from k-diffusion and ComfyUI (plugins/ancestral.py, plugins/multistep_sde.py,
-plugins/lms.py, plugins/er_sde.py, the presets of plugins/ddim.py and plugins/dpm_solver_pp.py): their orders, their identities with the
+plugins/lms.py, plugins/er_sde.py, plugins/sa_solver.py, the presets of plugins/ddim.py and plugins/dpm_solver_pp.py): their orders, their identities with the
 solvers they are presets of, and their samples. Parity with k-diffusion itself: tests/test_k_diffusion_parity.py.
 
 Orders, each as declared:
@@ -7,12 +7,14 @@ Orders, each as declared:
   grid, 96..384 steps (bench.tools.convergence; tests/test_multistep_solvers.py explains the regime). Measured over
   96..768: dpm-2 1.97, dpm++2s-ancestral and dpm++sde with eta = 0 1.97, lms-2/3/4 1.96/2.04/2.05 (the warm-up caps
   3 and 4 at 2), res-multistep 1.97, dpm++3m-sde with eta = 0 2.03, gradient-estimation 0.90 (last slope 0.96),
-  er-sde with the ODE's scaler 2.02 (max_stage 2: 1.97).
+  er-sde with the ODE's scaler 2.02 (max_stage 2: 1.97), sa-solver with eta = 0 3.09 (its corrector lifts the
+  first step: the cap is 3; predictor only: 2.03).
 - stochastic: the slope of the exact W2 distance between the output's law and the target's, on a Gaussian
   (bench.tools.weak_order). Measured over 32..512 steps, karras: euler-ancestral 0.96, dpm-2-ancestral 2.04,
   dpm++2s-ancestral 1.96, dpm++sde 2.16 (eta = 0.5: 2.00; independent draws: 0.83), dpm++2m-sde heun 2.12,
   dpm++3m-sde 1.92 (eta = 0.5: 1.85, slopes rising to 1.97), er-sde 2.14 (max_stage 2: 2.10, 1: 0.99; the
-  reverse-time SDE's scaler f = l^2: 1.75, slopes rising to 1.97), euler-maruyama 1.04 (for reference).
+  reverse-time SDE's scaler f = l^2: 1.75, slopes rising to 1.97), sa-solver 1.66 (slopes rising to 1.98; predictor
+  2 and corrector 2: 3.32), euler-maruyama 1.04 (for reference).
 """
 
 import math
@@ -34,11 +36,13 @@ from plugins.metrics import _true_moments
 DETERMINISTIC = [("dpm-2", {}, 2), ("dpm++2s-ancestral", {"eta": 0.0}, 2), ("dpm++sde", {"eta": 0.0}, 2),
                  ("lms", {"order": 2}, 2), ("lms", {}, 2), ("res-multistep", {}, 2), ("dpm++3m-sde", {"eta": 0.0}, 2),
                  ("gradient-estimation", {}, 1), ("er-sde", {"noise_scaler": "ode"}, 2),
-                 ("er-sde", {"noise_scaler": "ode", "max_stage": 2}, 2)]
+                 ("er-sde", {"noise_scaler": "ode", "max_stage": 2}, 2), ("sa-solver", {"eta": 0.0}, 3),
+                 ("sa-solver", {"eta": 0.0, "corrector_order": 0}, 2)]
 STOCHASTIC = [("euler-ancestral", {}, 1), ("dpm-2-ancestral", {}, 2), ("dpm++2s-ancestral", {}, 2),
               ("dpm++sde", {}, 2), ("dpm++sde", {"eta": 0.5}, 2), ("dpm++sde", {"brownian": False}, 1),
               ("dpm++2m-sde", {}, 2), ("dpm++2m-sde", {"solver_type": "heun"}, 2), ("dpm++3m-sde", {}, 2),
-              ("er-sde", {}, 2), ("er-sde", {"max_stage": 1}, 1), ("er-sde", {"noise_scaler": "sde"}, 2)]
+              ("er-sde", {}, 2), ("er-sde", {"max_stage": 1}, 1), ("er-sde", {"noise_scaler": "sde"}, 2),
+              ("sa-solver", {}, 2)]
 TWO_CALLS = ["dpm-2", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde"]
 
 
@@ -77,8 +81,10 @@ def test_deterministic_order(asymptotic, solver, options, order):
 def test_weak_order(solver, options, order):
     instance = get_solver(solver, **options)
     assert instance.order == order and instance.stochastic
-    # er-sde with f = l^2 is pre-asymptotic below 128 steps (slopes 1.67, 1.53, 1.89, 1.97 from 32 to 512)
-    steps = [128, 256, 512] if options.get("noise_scaler") == "sde" else [64, 128, 256]
+    # er-sde with f = l^2 and sa-solver are pre-asymptotic below 128 steps (slopes from 32 to 512: 1.67, 1.53,
+    # 1.89, 1.97 and 1.12, 1.55, 1.91, 1.98)
+    late = options.get("noise_scaler") == "sde" or solver == "sa-solver"
+    steps = [128, 256, 512] if late else [64, 128, 256]
     slope = fitted_order(steps, weak_errors(gaussian_data(), solver, steps, **options))
     assert abs(slope - order) <= 0.25, f"{case_id((solver, options))}: fitted weak order {slope:.3f}, order {order}"
 
@@ -118,7 +124,7 @@ def test_stochastic_samplers_sample_gmm2d(gmm2d, solver, options):
 
 
 @pytest.mark.parametrize("solver", ["euler-ancestral", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde",
-                                    "dpm++3m-sde", "er-sde"])
+                                    "dpm++3m-sde", "er-sde", "sa-solver"])
 def test_noise_is_per_sample(gmm2d, solver):
     whole = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5)
     split = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5, batch_size=3)
@@ -173,7 +179,7 @@ def test_aliases_are_the_names_users_know():
                         "dpm-2-ancestral"), ("dpmpp_2s_ancestral", "dpm++2s-ancestral"), ("dpmpp_sde", "dpm++sde"),
                         ("dpmpp_2m", "dpm++2m"), ("dpmpp_2m_sde", "dpm++2m-sde"), ("dpmpp_3m_sde", "dpm++3m-sde"),
                         ("res_multistep", "res-multistep"), ("gradient_estimation", "gradient-estimation"),
-                        ("er_sde", "er-sde")]:
+                        ("er_sde", "er-sde"), ("sa_solver", "sa-solver")]:
         assert get_solver(alias).name == name
 
 
@@ -238,3 +244,56 @@ def test_er_sde_is_comfyuis_loop(gmm_image, max_stage):
         x = x + noise(i) * math.sqrt(t**2 - s**2 * r**2)
         old_denoised = denoised
     torch.testing.assert_close(out.x, x, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [{}, {"eta": 0.0}, {"predictor_order": 2, "corrector_order": 1},
+                                     {"tau_sigma_min": 0.5, "tau_sigma_max": 20.0}])
+def test_sa_solver_is_comfyuis_loop(gmm_image, options):
+    # ComfyUI's sample_sa_solver (predictor-corrector, no pece) in VE written out, its Adams weights by scipy's
+    # adaptive quadrature of the exponentially weighted Lagrange basis in place of its closed forms
+    from scipy.integrate import quad
+
+    def adams(points, start, end, tau):
+        rate = 1 + tau**2
+
+        def basis(j, l):
+            return math.prod((l - other) / (points[j] - other) for k, other in enumerate(points) if k != j)
+
+        return [quad(lambda l: rate * math.exp(-rate * (end - l)) * basis(j, l), start, end, epsabs=0,
+                     epsrel=1e-13)[0] for j in range(len(points))]
+
+    solver = get_solver("sa-solver", **options)
+    config = solver.config
+    out = bench.sample(gmm_image, solver, nfe=10, n=6, seed=0, dtype=torch.float64)
+    noise = bench.core.noise.NoiseStream(0, torch.arange(6), gmm_image.shape, torch.float64, "cpu")
+    sigmas = out.sigmas.tolist()
+    lambdas = [-math.log(s) if s > 0 else math.inf for s in sigmas]
+    high = config.tau_sigma_max or math.inf
+    tau_of = [config.eta if config.tau_sigma_min <= s <= high else 0.0 for s in sigmas]
+    x_pred, x, history, h, tau, noise_term = out.x_T.clone(), None, [], 0.0, 0.0, None
+    for i in range(len(sigmas) - 1):
+        denoised = gmm_image(x_pred, torch.full((6,), sigmas[i], dtype=torch.float64))
+        history = (history + [denoised])[-max(config.predictor_order, config.corrector_order):]
+        if sigmas[i + 1] == 0:
+            x_pred = denoised
+            break
+        corrector = 0 if i == 0 else min(config.corrector_order, len(history), len(sigmas) - 1 - i)
+        if corrector:
+            b = adams(lambdas[i - corrector + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
+            x = sigmas[i] / sigmas[i - 1] * math.exp(-tau**2 * h) * x + sum(
+                w * d for w, d in zip(b, history[-corrector:]))
+            if noise_term is not None:
+                x = x + noise_term
+        else:
+            x = x_pred
+        predictor = min(config.predictor_order, len(history), len(sigmas) - 2 - i)
+        tau = tau_of[i + 1]
+        b = adams(lambdas[i - predictor + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
+        h = lambdas[i + 1] - lambdas[i]
+        x_pred = sigmas[i + 1] / sigmas[i] * math.exp(-tau**2 * h) * x + sum(
+            w * d for w, d in zip(b, history[-predictor:]))
+        noise_term = None
+        if tau > 0:
+            noise_term = noise(i) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h))
+            x_pred = x_pred + noise_term
+    torch.testing.assert_close(out.x, x_pred, rtol=1e-10, atol=1e-10)

@@ -44,6 +44,7 @@ STEP_SOLVERS = [
     ("euler-ancestral", {}), ("dpm++2m", {}), ("dpm++2m-sde", {}), ("res-multistep", {}),
     ("dpm++3m-sde", {}), ("dpm++3m-sde", {"eta": 0.0}), *[("lms", {"order": p}) for p in (1, 2, 4, 6)],
     ("gradient-estimation", {}), ("er-sde", {}), ("er-sde", {"noise_scaler": "ode"}), ("er-sde", {"max_stage": 2}),
+    ("sa-solver", {}), ("sa-solver", {"eta": 0.0}), ("sa-solver", {"predictor_order": 2, "corrector_order": 0}),
 ]
 # several model calls per step, or a loop of their own: no step rule
 NO_STEP_RULE = [("heun", {}), ("edm-stochastic", {}), ("rk45", {}), ("pndm", {"method": "plms"}), ("dpm-solver", {}),
