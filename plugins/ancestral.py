@@ -4,7 +4,7 @@ Each step from sigma to sigma_next calls the model at sigma and once more inside
 makes one call, x0 = D(x; sigma_last)), so N steps cost 2N - 1 NFE, as Heun's. The ancestral forms split sigma_next
 into a deterministic step down to sigma_down and fresh noise of scale sigma_up (bench.core.numerics.ancestral_step):
 
-    x_next = ODE step from (x, sigma) to sigma_down  +  s_noise * sigma_up * z,   sigma_down^2 + sigma_up^2 = sigma_next^2.
+    x_next = ODE step from (x, sigma) to sigma_down + s_noise sigma_up z,   sigma_down^2 + sigma_up^2 = sigma_next^2.
 
 ``eta`` scales sigma_up (0: the deterministic solver, 1: DDPM's posterior variance), ``s_noise`` the noise itself.
 The noise z of step i is ``noise(i)``, seeded per sample like x_T; DPM++ SDE draws two per step, ``noise(2i)`` and

@@ -62,8 +62,9 @@ class DDIM(StepSolver):
 
 
 EulerAncestral = preset(DDIM, "EulerAncestral", """Euler ancestral (k-diffusion's sample_euler_ancestral, ComfyUI's
-euler_ancestral): an Euler step down to sigma_down, then fresh noise of scale sigma_up (bench.core.numerics.ancestral_step
-splits sigma_next the same way). It is DDIM's update with eta = 1 by default, DDPM's ancestral sampling.""", eta=1.0)
+euler_ancestral): an Euler step down to sigma_down, then fresh noise of scale sigma_up
+(bench.core.numerics.ancestral_step splits sigma_next the same way). It is DDIM's update with eta = 1 by default,
+DDPM's ancestral sampling.""", eta=1.0)
 
 
 @hookimpl

@@ -9,9 +9,9 @@ r = f(sigma_t) / f(sigma_s). f(l) = l is the probability-flow ODE (no noise: r =
 reverse-time SDE of Song et al., and ER-SDE-5, the paper's choice and ComfyUI's default, f(l) = l (e^(l^0.3) + 10).
 Expanding x0 = D in sigma around sigma_s and integrating by parts gives the k-stage solvers (dt = sigma_t - sigma_s):
 
-    x_t = r x_s + (1 - r) D_s                                             stage 1
-          + (dt + f(sigma_t) S_1) D'                                      stage 2, S_1 = integral 1 / f(l) dl
-          + (dt^2 / 2 + f(sigma_t) S_2) D''                               stage 3, S_2 = integral (l - sigma_s) / f(l) dl
+    x_t = r x_s + (1 - r) D_s                                     stage 1
+          + (dt + f(sigma_t) S_1) D'                              stage 2, S_1 = integral 1 / f(l) dl
+          + (dt^2 / 2 + f(sigma_t) S_2) D''                       stage 3, S_2 = integral (l - sigma_s) / f(l) dl
           + s_noise sqrt(sigma_t^2 - r^2 sigma_s^2) z,
 
 with integrals over [sigma_t, sigma_s], and D' and D'' divided differences in sigma of the last D's: D' = (D_s -

@@ -4,8 +4,9 @@ ComfyUI's sa_solver): a stochastic Adams predictor-corrector in lambda = -log si
 With tau the amount of noise (tau = 0: the probability-flow ODE, tau = 1: the reverse SDE), the exact solution of
 the SDE's linear part from lambda_s to lambda_t = lambda_s + h is, in sigma (VE, alpha = 1),
 
-    x_t = (sigma_t / sigma_s) e^(-tau^2 h) x_s + integral_{lambda_s}^{lambda_t} (1 + tau^2) e^(-(1 + tau^2)(lambda_t - l))
-          D(l) dl + sigma_t sqrt(1 - e^(-2 tau^2 h)) z.
+    x_t = (sigma_t / sigma_s) e^(-tau^2 h) x_s
+          + integral_{lambda_s}^{lambda_t} (1 + tau^2) e^(-(1 + tau^2)(lambda_t - l)) D(l) dl
+          + sigma_t sqrt(1 - e^(-2 tau^2 h)) z.
 
 A stochastic Adams method replaces D by its Lagrange interpolant through the last model outputs in lambda, so each
 D_j gets the weight b_j = the integral above with D replaced by the j-th Lagrange basis polynomial (computed here by
@@ -19,9 +20,9 @@ Gauss-Legendre, exact to rounding for a polynomial times an exponential; the pap
 
 Orders drop while the history fills and on the last steps, as ComfyUI's (the predictor to sigma_last is first order);
 the first point is not corrected, the last step is x0 = D(x_pred; sigma_last) with no correction, as there.
-tau = ``eta`` (default 1) for sigma in [``tau_sigma_min``, ``tau_sigma_max``] (default: all) and 0 elsewhere; ComfyUI's default
-interval is the model's 20-80% of training timesteps, a notion the continuous models here lack, so the default is
-every sigma, the paper's plain SA-Solver with tau = 1.
+tau = ``eta`` (default 1) for sigma in [``tau_sigma_min``, ``tau_sigma_max``] (default: all) and 0 elsewhere;
+ComfyUI's default interval is the model's 20-80% of training timesteps, a notion the continuous models here lack, so
+the default is every sigma, the paper's plain SA-Solver with tau = 1.
 """
 
 from __future__ import annotations

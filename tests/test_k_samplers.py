@@ -1,6 +1,7 @@
 """The samplers users know from k-diffusion and ComfyUI (plugins/ancestral.py, plugins/multistep_sde.py,
-plugins/lms.py, plugins/er_sde.py, plugins/sa_solver.py, the presets of plugins/ddim.py and plugins/dpm_solver_pp.py): their orders, their identities with the
-solvers they are presets of, and their samples. Parity with k-diffusion itself: tests/test_k_diffusion_parity.py.
+plugins/lms.py, plugins/er_sde.py, plugins/sa_solver.py, plugins/seeds.py, the presets of plugins/ddim.py and
+plugins/dpm_solver_pp.py): their orders, their identities with the solvers they are presets of, and their samples.
+Parity with k-diffusion itself: tests/test_k_diffusion_parity.py.
 
 Orders, each as declared:
 - deterministic: the slope of log(trajectory error) against log(steps) on gmm2d over sigma in [0.002, 0.5], logsnr
@@ -8,13 +9,14 @@ Orders, each as declared:
   96..768: dpm-2 1.97, dpm++2s-ancestral and dpm++sde with eta = 0 1.97, lms-2/3/4 1.96/2.04/2.05 (the warm-up caps
   3 and 4 at 2), res-multistep 1.97, dpm++3m-sde with eta = 0 2.03, gradient-estimation 0.90 (last slope 0.96),
   er-sde with the ODE's scaler 2.02 (max_stage 2: 1.97), sa-solver with eta = 0 3.09 (its corrector lifts the
-  first step: the cap is 3; predictor only: 2.03).
+  first step: the cap is 3; predictor only: 2.03), seeds-2 / seeds-3 with eta = 0 1.97 / 2.95.
 - stochastic: the slope of the exact W2 distance between the output's law and the target's, on a Gaussian
   (bench.tools.weak_order). Measured over 32..512 steps, karras: euler-ancestral 0.96, dpm-2-ancestral 2.04,
   dpm++2s-ancestral 1.96, dpm++sde 2.16 (eta = 0.5: 2.00; independent draws: 0.83), dpm++2m-sde heun 2.12,
   dpm++3m-sde 1.92 (eta = 0.5: 1.85, slopes rising to 1.97), er-sde 2.14 (max_stage 2: 2.10, 1: 0.99; the
   reverse-time SDE's scaler f = l^2: 1.75, slopes rising to 1.97), sa-solver 1.66 (slopes rising to 1.98; predictor
-  2 and corrector 2: 3.32), euler-maruyama 1.04 (for reference).
+  2 and corrector 2: 3.32), seeds-2 1.96 (eta = 0.5: 1.98), seeds-3 1.65 (slopes rising to 1.91), euler-maruyama
+  1.04 (for reference).
 """
 
 import math
@@ -37,13 +39,14 @@ DETERMINISTIC = [("dpm-2", {}, 2), ("dpm++2s-ancestral", {"eta": 0.0}, 2), ("dpm
                  ("lms", {"order": 2}, 2), ("lms", {}, 2), ("res-multistep", {}, 2), ("dpm++3m-sde", {"eta": 0.0}, 2),
                  ("gradient-estimation", {}, 1), ("er-sde", {"noise_scaler": "ode"}, 2),
                  ("er-sde", {"noise_scaler": "ode", "max_stage": 2}, 2), ("sa-solver", {"eta": 0.0}, 3),
-                 ("sa-solver", {"eta": 0.0, "corrector_order": 0}, 2)]
+                 ("sa-solver", {"eta": 0.0, "corrector_order": 0}, 2), ("seeds-2", {"eta": 0.0}, 2),
+                 ("seeds-3", {"eta": 0.0}, 3)]
 STOCHASTIC = [("euler-ancestral", {}, 1), ("dpm-2-ancestral", {}, 2), ("dpm++2s-ancestral", {}, 2),
               ("dpm++sde", {}, 2), ("dpm++sde", {"eta": 0.5}, 2), ("dpm++sde", {"brownian": False}, 1),
               ("dpm++2m-sde", {}, 2), ("dpm++2m-sde", {"solver_type": "heun"}, 2), ("dpm++3m-sde", {}, 2),
               ("er-sde", {}, 2), ("er-sde", {"max_stage": 1}, 1), ("er-sde", {"noise_scaler": "sde"}, 2),
-              ("sa-solver", {}, 2)]
-TWO_CALLS = ["dpm-2", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde"]
+              ("sa-solver", {}, 2), ("seeds-2", {}, 2), ("seeds-3", {}, 2)]
+TWO_CALLS = ["dpm-2", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde", "seeds-2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,9 +84,9 @@ def test_deterministic_order(asymptotic, solver, options, order):
 def test_weak_order(solver, options, order):
     instance = get_solver(solver, **options)
     assert instance.order == order and instance.stochastic
-    # er-sde with f = l^2 and sa-solver are pre-asymptotic below 128 steps (slopes from 32 to 512: 1.67, 1.53,
-    # 1.89, 1.97 and 1.12, 1.55, 1.91, 1.98)
-    late = options.get("noise_scaler") == "sde" or solver == "sa-solver"
+    # er-sde with f = l^2, sa-solver and seeds-3 are pre-asymptotic below 128 steps (slopes from 32 to 512: 1.67,
+    # 1.53, 1.89, 1.97; 1.12, 1.55, 1.91, 1.98; 1.21, 1.62, 1.81, 1.91)
+    late = options.get("noise_scaler") == "sde" or solver in ("sa-solver", "seeds-3")
     steps = [128, 256, 512] if late else [64, 128, 256]
     slope = fitted_order(steps, weak_errors(gaussian_data(), solver, steps, **options))
     assert abs(slope - order) <= 0.25, f"{case_id((solver, options))}: fitted weak order {slope:.3f}, order {order}"
@@ -124,7 +127,7 @@ def test_stochastic_samplers_sample_gmm2d(gmm2d, solver, options):
 
 
 @pytest.mark.parametrize("solver", ["euler-ancestral", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde",
-                                    "dpm++3m-sde", "er-sde", "sa-solver"])
+                                    "dpm++3m-sde", "er-sde", "sa-solver", "seeds-2", "seeds-3"])
 def test_noise_is_per_sample(gmm2d, solver):
     whole = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5)
     split = bench.sample(gmm2d, solver, nfe=9, n=10, seed=5, batch_size=3)
@@ -179,7 +182,8 @@ def test_aliases_are_the_names_users_know():
                         "dpm-2-ancestral"), ("dpmpp_2s_ancestral", "dpm++2s-ancestral"), ("dpmpp_sde", "dpm++sde"),
                         ("dpmpp_2m", "dpm++2m"), ("dpmpp_2m_sde", "dpm++2m-sde"), ("dpmpp_3m_sde", "dpm++3m-sde"),
                         ("res_multistep", "res-multistep"), ("gradient_estimation", "gradient-estimation"),
-                        ("er_sde", "er-sde"), ("sa_solver", "sa-solver")]:
+                        ("er_sde", "er-sde"), ("sa_solver", "sa-solver"), ("seeds_2", "seeds-2"),
+                        ("seeds_3", "seeds-3")]:
         assert get_solver(alias).name == name
 
 
@@ -297,3 +301,60 @@ def test_sa_solver_is_comfyuis_loop(gmm_image, options):
             noise_term = noise(i) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h))
             x_pred = x_pred + noise_term
     torch.testing.assert_close(out.x, x_pred, rtol=1e-10, atol=1e-10)
+
+
+def test_seeds_3_spends_three_calls_a_step(gmm2d):
+    for budget in range(1, 24):
+        out = bench.sample(gmm2d, "seeds-3", nfe=budget, n=4, warmup=False)
+        assert out.nfe == out.plan.nfe == 3 * out.plan.steps - 2 <= budget < 3 * out.plan.steps + 1
+
+
+@pytest.mark.parametrize("solver, options", [("seeds-2", {}), ("seeds-2", {"eta": 0.5, "s_noise": 0.8}),
+                                             ("seeds-3", {}), ("seeds-3", {"eta": 0.0})])
+def test_seeds_is_comfyuis_loop(gmm_image, solver, options):
+    # ComfyUI's sample_seeds_2 and sample_seeds_3 written out (its defaults r = 1/2 and r_1, r_2 = 1/3, 2/3), handed
+    # our draws in the order it asks for them
+    out = bench.sample(gmm_image, solver, nfe=13, n=6, seed=0, dtype=torch.float64, **options)
+    noise = bench.core.noise.NoiseStream(0, torch.arange(6), gmm_image.shape, torch.float64, "cpu")
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    x, sigmas, draw = out.x_T.clone(), out.sigmas.tolist(), iter(range(10**6))
+
+    def model(x, sigma):
+        return gmm_image(x, torch.full((6,), sigma, dtype=torch.float64))
+
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+            break
+        h = math.log(sigmas[i] / sigmas[i + 1])
+        h_eta = h * (eta + 1)
+        if solver == "seeds-2":
+            r = 0.5
+            sigma_s = sigmas[i] * math.exp(-r * h)
+            coeff_1, coeff_2 = math.expm1(-r * h_eta), math.expm1(-h_eta)
+            noise_1, noise_2 = noise(next(draw)), noise(next(draw))
+            noise_coeff_1 = math.sqrt(-math.expm1(-2 * r * h * eta))
+            noise_coeff_2 = math.sqrt(math.expm1(-2 * r * h * eta) - math.expm1(-2 * h * eta))
+            x_2 = (coeff_1 + 1) * x - coeff_1 * denoised + sigma_s * noise_coeff_1 * noise_1 * s_noise
+            denoised_d = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * model(x_2, sigma_s)
+            x = ((coeff_2 + 1) * x - coeff_2 * denoised_d
+                 + sigmas[i + 1] * (noise_coeff_2 * noise_1 + noise_coeff_1 * noise_2) * s_noise)
+        else:
+            r_1, r_2 = 1 / 3, 2 / 3
+            sigma_1, sigma_2 = sigmas[i] * math.exp(-r_1 * h), sigmas[i] * math.exp(-r_2 * h)
+            coeff_1, coeff_2, coeff_3 = math.expm1(-r_1 * h_eta), math.expm1(-r_2 * h_eta), math.expm1(-h_eta)
+            noises = [noise(next(draw)) for _ in range(3)] if eta > 0 else [0.0] * 3
+            noise_coeff_1 = math.sqrt(-math.expm1(-2 * r_1 * h * eta))
+            noise_coeff_2 = math.sqrt(math.expm1(-2 * r_1 * h * eta) - math.expm1(-2 * r_2 * h * eta))
+            noise_coeff_3 = math.sqrt(math.expm1(-2 * r_2 * h * eta) - math.expm1(-2 * h * eta))
+            x_2 = (coeff_1 + 1) * x - coeff_1 * denoised + sigma_1 * noise_coeff_1 * noises[0] * s_noise
+            denoised_2 = model(x_2, sigma_1)
+            x_3 = ((coeff_2 + 1) * x - coeff_2 * denoised
+                   + (r_2 / r_1) * (coeff_2 / (r_2 * h_eta) + 1) * (denoised_2 - denoised)
+                   + sigma_2 * (noise_coeff_2 * noises[0] + noise_coeff_1 * noises[1]) * s_noise)
+            denoised_3 = model(x_3, sigma_2)
+            x = ((coeff_3 + 1) * x - coeff_3 * denoised + (1 / r_2) * (coeff_3 / h_eta + 1) * (denoised_3 - denoised)
+                 + sigmas[i + 1] * (noise_coeff_3 * noises[0] + noise_coeff_2 * noises[1] + noise_coeff_1 * noises[2])
+                 * s_noise)
+    torch.testing.assert_close(out.x, x, rtol=1e-10, atol=1e-10)

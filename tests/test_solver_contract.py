@@ -49,7 +49,7 @@ STEP_SOLVERS = [
 # several model calls per step, or a loop of their own: no step rule
 NO_STEP_RULE = [("heun", {}), ("edm-stochastic", {}), ("rk45", {}), ("pndm", {"method": "plms"}), ("dpm-solver", {}),
                 ("dpm-solver", {"method": "adaptive"}), ("dpm-solver++", {"method": "singlestep"}), ("dpm-2", {}),
-                ("dpm-2-ancestral", {}), ("dpm++2s-ancestral", {}), ("dpm++sde", {})]
+                ("dpm-2-ancestral", {}), ("dpm++2s-ancestral", {}), ("dpm++sde", {}), ("seeds-2", {}), ("seeds-3", {})]
 
 
 @pytest.fixture(scope="module", autouse=True)

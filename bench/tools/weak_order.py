@@ -119,7 +119,8 @@ def describe(solver: str, options: dict[str, Any], step_counts: Sequence[int], e
     name = solver + "".join(f",{key}={value}" for key, value in options.items())
     kind = "stochastic" if instance.stochastic else "deterministic"
     return "\n".join([
-        f"{name} ({kind}): declared order {instance.order}" + (f": {instance.order_note}" if instance.order_note else ""),
+        f"{name} ({kind}): declared order {instance.order}"
+        + (f": {instance.order_note}" if instance.order_note else ""),
         "  steps  " + "".join(f"{steps:>10}" for steps in step_counts),
         "  W2     " + "".join(f"{error:>10.3e}" for error in errors),
         "  slope  " + " " * 5 + "".join(f"{slope:>10.2f}" for slope in pair_slopes(step_counts, errors))
