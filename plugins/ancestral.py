@@ -7,10 +7,10 @@ into a deterministic step down to sigma_down and fresh noise of scale sigma_up (
     x_next = ODE step from (x, sigma) to sigma_down + s_noise sigma_up z,   sigma_down^2 + sigma_up^2 = sigma_next^2.
 
 ``eta`` scales sigma_up (0: the deterministic solver, 1: DDPM's posterior variance), ``s_noise`` the noise itself.
-The noise z of step i is ``noise(i)``, seeded per sample like x_T; DPM++ SDE draws two per step, ``noise(2i)`` and
-``noise(2i + 1)``. Where k-diffusion's DPM++ SDE correlates its two draws through a Brownian tree, ours are
-independent: the same sampler in distribution as k-diffusion's with its default torch.randn noise sampler, and
-k-diffusion's exactly when handed these draws (tests/test_k_diffusion_parity.py).
+The noise z of step i is ``noise(i)``, seeded per sample like x_T; DPM++ SDE makes its two draws a step from
+``noise(2i)`` and ``noise(2i + 1)``, correlated as the increments of one Brownian path that k-diffusion's default
+Brownian tree draws (DPMPlusPlusSDE). Each is k-diffusion's sampler exactly when handed these draws
+(tests/test_k_diffusion_parity.py).
 
 With noise they converge in distribution, not along the ODE trajectory from x_T: their ``order`` is then the
 weak order measured on a Gaussian by bench.tools.weak_order (the exact 2-Wasserstein distance to the target), 2 for

@@ -108,7 +108,8 @@ def require_step_rule(solver: Solver, user: str = "a parallel sampler") -> StepS
            else "calls the model several times per step, or runs a loop of its own")
     raise BenchError(f"{user} needs a solver with a step rule (one model call per step); solver {solver.describe()} "
                      f"{why}. Step solvers: euler, ddim, euler-ancestral, euler-maruyama, ipndm, deis, unipc, lms, "
-                     "gradient-estimation, dpm++3m-sde, and dpm-solver / dpm-solver++ with method='multistep'")
+                     "gradient-estimation, dpm++3m-sde, er-sde, sa-solver, and dpm-solver / dpm-solver++ with "
+                     "method='multistep' (dpm++2m, dpm++2m-sde, res-multistep)")
 
 
 def warmup_orders(steps: int, order: int, lower_order_final: bool = True) -> tuple[int, ...]:
