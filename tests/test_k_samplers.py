@@ -80,7 +80,9 @@ def test_deterministic_order(asymptotic, solver, options, order):
     assert abs(slope - order) <= 0.15, f"{case_id((solver, options))}: fitted {slope:.3f}, order {order}"
 
 
-@pytest.mark.parametrize("solver, options, order", STOCHASTIC, ids=[case_id(case) for case in STOCHASTIC])
+@pytest.mark.parametrize("solver, options, order", [
+    pytest.param(*case, marks=pytest.mark.slow) if case[0] == "seeds-3" else case for case in STOCHASTIC],
+    ids=[case_id(case) for case in STOCHASTIC])  # seeds-3: 7 s
 def test_weak_order(solver, options, order):
     instance = get_solver(solver, **options)
     assert instance.order == order and instance.stochastic
