@@ -360,3 +360,15 @@ def test_seeds_is_comfyuis_loop(gmm_image, solver, options):
                  + sigmas[i + 1] * (noise_coeff_3 * noises[0] + noise_coeff_2 * noises[1] + noise_coeff_1 * noises[2])
                  * s_noise)
     torch.testing.assert_close(out.x, x, rtol=1e-10, atol=1e-10)
+
+
+def test_a_preset_names_only_options_its_solver_has():
+    from bench.core.solver import Fixed, preset
+    from plugins.ddim import DDIM
+
+    with pytest.raises(ValueError, match=r"DDIM has no option 'etta' \(its options: eta\)"):
+        preset(DDIM, "Typo", "a typo", etta=1.0)
+    pinned = preset(DDIM, "Pinned", "eta pinned", eta=Fixed(0.5))
+    assert pinned().config.eta == 0.5 and pinned.__doc__ == "eta pinned"
+    with pytest.raises(ValueError, match=r"eta must be one of 0.5; got 1.0"):
+        pinned(eta=1.0)
