@@ -372,3 +372,24 @@ def test_a_preset_names_only_options_its_solver_has():
     assert pinned().config.eta == 0.5 and pinned.__doc__ == "eta pinned"
     with pytest.raises(ValueError, match=r"eta must be one of 0.5; got 1.0"):
         pinned(eta=1.0)
+
+
+def test_res_multistep_is_comfyuis_loop(gmm_image):
+    # ComfyUI's res_multistep with eta = 0 written out: phi functions of -h, c2 = (t_prev - t_old) / h with the
+    # previous D at t_old, b1 = phi_1 - phi_2 / c2 and b2 = phi_2 / c2
+    out = bench.sample(gmm_image, "res_multistep", nfe=11, n=6, seed=0, dtype=torch.float64)
+    x, sigmas, old_denoised = out.x_T.clone(), out.sigmas.tolist(), None
+    for i in range(len(sigmas) - 1):
+        denoised = gmm_image(x, torch.full((6,), sigmas[i], dtype=torch.float64))
+        if sigmas[i + 1] == 0 or old_denoised is None:
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])  # Euler
+        else:
+            t, t_old, t_next, t_prev = (-math.log(s) for s in (sigmas[i], sigmas[i], sigmas[i + 1], sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi_1 = math.expm1(-h) / -h
+            phi_2 = (phi_1 - 1) / -h
+            b1, b2 = phi_1 - phi_2 / c2, phi_2 / c2
+            x = math.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
+        old_denoised = denoised
+    torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)
