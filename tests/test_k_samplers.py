@@ -393,3 +393,12 @@ def test_res_multistep_is_comfyuis_loop(gmm_image):
             x = math.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
         old_denoised = denoised
     torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)
+
+
+def test_weak_order_tool_prints_each_solver(capsys):
+    from bench.tools.weak_order import main
+
+    main(["euler-ancestral", "dpm++sde,eta=0.5", "--steps", "16", "32"])
+    printed = capsys.readouterr().out
+    assert "euler-ancestral (stochastic): declared order 1" in printed
+    assert "dpm++sde,eta=0.5 (stochastic): declared order 2" in printed and printed.count("fitted") == 2
