@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from bench.core.options import SolverOptions, option
+from bench.core.solver import preset
 from bench.core.steps import StepSolver
 from bench.hookspecs import hookimpl
 
@@ -60,6 +61,13 @@ class DDIM(StepSolver):
         return x
 
 
+EulerAncestral = preset(DDIM, "EulerAncestral", """Euler ancestral (k-diffusion's sample_euler_ancestral, ComfyUI's
+euler_ancestral): an Euler step down to sigma_down, then fresh noise of scale sigma_up
+(bench.core.numerics.ancestral_step splits sigma_next the same way). It is DDIM's update with eta = 1 by default,
+DDPM's ancestral sampling.""", eta=1.0)
+
+
 @hookimpl
 def register_solvers(register):
     register(DDIM, name="ddim")
+    register(EulerAncestral, name="euler-ancestral", aliases=("euler_ancestral", "euler-a"))

@@ -58,7 +58,7 @@ from torch import Tensor
 from bench.core.numerics import linear_combination, phi_functions
 from bench.core.options import SolverOptions, option
 from bench.core.singlestep import INTERMEDIATES, SinglestepSolver
-from bench.core.solver import Denoise, Noise, Plan, SolverFamily
+from bench.core.solver import Denoise, Fixed, Noise, Plan, SolverFamily, preset
 from bench.core.steps import WARMUP_CAP, StepSolver, warmup_orders
 from bench.hookspecs import hookimpl
 
@@ -294,6 +294,21 @@ class DPMSolverPlusPlus(SolverFamily):
         return messages.get(key) or super().inapplicable(key, value, choice)
 
 
+# the same solvers under the names k-diffusion and ComfyUI give them (tests/test_k_diffusion_parity.py)
+DPMSolverPlusPlus2M = preset(DPMSolverPlusPlusMultistep, "DPMSolverPlusPlus2M", """DPM-Solver++(2M): k-diffusion's
+sample_dpmpp_2m, ComfyUI's dpmpp_2m.""", order=Fixed(2), sde=Fixed(False))
+DPMSolverPlusPlus2MSDE = preset(DPMSolverPlusPlusMultistep, "DPMSolverPlusPlus2MSDE", """SDE-DPM-Solver++(2M):
+k-diffusion's sample_dpmpp_2m_sde with eta = 1, ComfyUI's dpmpp_2m_sde; solver_type "midpoint" | "heun" as there.""",
+                                order=Fixed(2), sde=Fixed(True))
+ResMultistep = preset(DPMSolverPlusPlusMultistep, "ResMultistep", """ComfyUI's res_multistep, the second-order
+multistep refined exponential solver of Zhang et al. 2023 (RES): with D_1 at c = -h_prev / h of the step, its weights
+b1 = phi_1 - phi_2 / c and b2 = phi_2 / c of D_0 and D_1 are DPM-Solver++(2M)'s in the Taylor ("heun") form.""",
+                      order=Fixed(2), solver_type=Fixed("heun"), sde=Fixed(False))
+
+
 @hookimpl
 def register_solvers(register):
     register(DPMSolverPlusPlus, name="dpm-solver++")
+    register(DPMSolverPlusPlus2M, name="dpm++2m", aliases=("dpmpp_2m",))
+    register(DPMSolverPlusPlus2MSDE, name="dpm++2m-sde", aliases=("dpmpp_2m_sde",))
+    register(ResMultistep, name="res-multistep", aliases=("res_multistep",))

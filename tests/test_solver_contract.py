@@ -41,10 +41,15 @@ STEP_SOLVERS = [
     ("dpm-solver++", {"order": 3, "lower_order_final": False}),
     ("dpm-solver++", {"sde": True}), ("dpm-solver++", {"sde": True, "order": 1}),
     ("dpm-solver++", {"sde": True, "solver_type": "heun"}),
+    ("euler-ancestral", {}), ("dpm++2m", {}), ("dpm++2m-sde", {}), ("res-multistep", {}),
+    ("dpm++3m-sde", {}), ("dpm++3m-sde", {"eta": 0.0}), *[("lms", {"order": p}) for p in (1, 2, 4, 6)],
+    ("gradient-estimation", {}), ("er-sde", {}), ("er-sde", {"noise_scaler": "ode"}), ("er-sde", {"max_stage": 2}),
+    ("sa-solver", {}), ("sa-solver", {"eta": 0.0}), ("sa-solver", {"predictor_order": 2, "corrector_order": 0}),
 ]
 # several model calls per step, or a loop of their own: no step rule
 NO_STEP_RULE = [("heun", {}), ("edm-stochastic", {}), ("rk45", {}), ("pndm", {"method": "plms"}), ("dpm-solver", {}),
-                ("dpm-solver", {"method": "adaptive"}), ("dpm-solver++", {"method": "singlestep"})]
+                ("dpm-solver", {"method": "adaptive"}), ("dpm-solver++", {"method": "singlestep"}), ("dpm-2", {}),
+                ("dpm-2-ancestral", {}), ("dpm++2s-ancestral", {}), ("dpm++sde", {}), ("seeds-2", {}), ("seeds-3", {})]
 
 
 @pytest.fixture(scope="module", autouse=True)

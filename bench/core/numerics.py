@@ -1,5 +1,5 @@
 """Numerics the solvers share: the fused linear combination of their updates, the phi functions of the exponential
-integrators, Heun's step, and VP time.
+integrators, Heun's step, the ancestral step's split of the noise, and VP time.
 
 In the sigma parametrization (alpha = 1, x = x0 + sigma eps) the half-log-SNR is lambda = -log sigma, and the step
 of the exponential integrators (DPM-Solver, DPM-Solver++, UniPC, DEIS) is h = lambda_next - lambda =
@@ -76,3 +76,17 @@ def vp_time(sigma: Sigma, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX
     beta_d = beta_max - beta_min
     t = (np.sqrt(beta_min**2 + 2 * beta_d * np.log1p(np.square(sigma))) - beta_min) / beta_d
     return float(t) if np.ndim(t) == 0 else t
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next (k-diffusion's get_ancestral_step).
+
+    DDPM's posterior q(x_next | x, x0) written in sigma has variance sigma_up^2 = sigma_next^2 (sigma^2 -
+    sigma_next^2) / sigma^2; an ancestral sampler takes a deterministic step down to sigma_down =
+    sqrt(sigma_next^2 - sigma_up^2) and adds fresh noise of scale sigma_up, which brings the noise level back to
+    sigma_next. ``eta`` scales sigma_up (capped at sigma_next): 0 is the deterministic step, 1 DDPM's variance.
+    """
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -192,6 +194,32 @@ class SolverFamily:
         for member in cls.members.values():
             names.update(dict.fromkeys(declared(member.Options)))
         return list(names)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A preset's option pinned to one value (see ``preset``)."""
+
+    value: Any
+
+
+def preset(cls: type[Solver], name: str, doc: str, **defaults: Any) -> type[Solver]:
+    """``cls`` with other defaults, as the sampler users know under another name: k-diffusion's euler_ancestral is
+    DDIM with eta = 1, its dpmpp_2m_sde is DPM-Solver++(2M) with sde = True. ``defaults`` replace the defaults of
+    ``cls``'s options; a value wrapped in ``Fixed`` pins the option (any other value is refused, naming the one
+    allowed). The other options, their checks and the solver's code are ``cls``'s own."""
+    declared_fields, hints = declared(cls.Options), typing.get_type_hints(cls.Options)
+    fields = []
+    for key, value in defaults.items():
+        if key not in declared_fields:
+            raise ValueError(f"{cls.__name__} has no option {key!r} (its options: {', '.join(declared_fields)})")
+        metadata = dict(declared_fields[key].metadata)
+        if isinstance(value, Fixed):
+            value, metadata["choices"], metadata["check"] = value.value, (value.value,), None
+        fields.append((key, hints[key], dataclasses.field(default=value, metadata=metadata)))
+    options = dataclasses.make_dataclass("Options", fields, bases=(cls.Options,), frozen=True)
+    options.__qualname__ = f"{name}.Options"
+    return type(name, (cls,), {"Options": options, "__doc__": doc, "__module__": cls.__module__})
 
 
 def option_names(cls: type) -> list[str]:

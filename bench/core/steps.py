@@ -107,8 +107,9 @@ def require_step_rule(solver: Solver, user: str = "a parallel sampler") -> StepS
     why = ("chooses its own steps" if solver.adaptive
            else "calls the model several times per step, or runs a loop of its own")
     raise BenchError(f"{user} needs a solver with a step rule (one model call per step); solver {solver.describe()} "
-                     f"{why}. Step solvers: euler, ddim, euler-maruyama, ipndm, deis, unipc, and dpm-solver / "
-                     "dpm-solver++ with method='multistep'")
+                     f"{why}. Step solvers: euler, ddim, euler-ancestral, euler-maruyama, ipndm, deis, unipc, lms, "
+                     "gradient-estimation, dpm++3m-sde, er-sde, sa-solver, and dpm-solver / dpm-solver++ with "
+                     "method='multistep' (dpm++2m, dpm++2m-sde, res-multistep)")
 
 
 def warmup_orders(steps: int, order: int, lower_order_final: bool = True) -> tuple[int, ...]:
