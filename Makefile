@@ -19,6 +19,9 @@ $(STAMP): $(LOCK) $(PEERS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	# metadata an older setuptools left in the source tree would shadow the installed entry points for anything
+	# run from here (pytest puts the root on sys.path): plugins added since would go missing
+	rm -rf samplerbench.egg-info
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	$(BIN)/pip download --quiet --require-hashes --no-deps -r $(PEERS) -d $(VENV)/peers
