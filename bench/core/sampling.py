@@ -14,6 +14,7 @@ from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.errors import BenchError, unknown_name
 from bench.core.guidance import GUIDANCE_KINDS
 from bench.core.noise import NoiseStream, gaussian
+from bench.core.parallel import ParallelSolver
 from bench.registry import PluginManager, manager
 from bench.core.solver import Plan, Solver, build_solver
 from bench.core.timing import Stopwatch
@@ -184,9 +185,9 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         raise BenchError(str(error)) from None
     if precision not in PRECISIONS:
         raise unknown_name("precision", precision, PRECISIONS)
-    if cuda_graph and (device.type != "cuda" or solver.adaptive):
-        raise BenchError("cuda_graph needs a CUDA device and a fixed-step solver "
-                         f"(got device {device.type!r}, solver {solver.describe()})")
+    if cuda_graph and (device.type != "cuda" or solver.adaptive or isinstance(solver, ParallelSolver)):
+        raise BenchError("cuda_graph needs a CUDA device and a fixed-step, sequential solver (a parallel sampler's "
+                         f"rounds depend on its convergence); got device {device.type!r}, solver {solver.describe()}")
     run = _Run(network, solver, plan, sigmas, seed, offset, labels, dtype, device, precision, cuda_graph)
     if batch_size is not None:
         return run.sample(n, batch_size, warmup)
