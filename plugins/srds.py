@@ -13,7 +13,9 @@ iteration k, all intervals at once (Parareal's predictor-corrector):
     U^(k+1)_(n+1) = G(U^(k+1)_n) + F(U^k_n) - G(U^k_n).
 
 U^k_n is exact for n <= k, so M iterations give the base's sequential result; the iteration stops earlier when an
-iteration changes no boundary state by more than the tolerance (bench.core.parallel's measure, at each boundary).
+iteration changes no boundary state by more than the tolerance: bench.core.parallel's measure, with the coarse
+step's noise variance, sigma(b_n)^2 (1 - sigma(b_n)^2 / sigma(b_(n-1))^2), at boundary n (the coarse step is the
+unit Parareal updates, as a step is ParaDiGMS').
 
 Pipelined, as the paper runs it: a fine solve starts as soon as its initial state is known, and the coarse step of
 iteration k + 1 from boundary n runs as soon as U^(k+1)_n and F(U^k_n) are known, so the fine solves of several
@@ -115,9 +117,8 @@ class SRDS(ParallelSolver):
         if steps == 1:
             return evaluate(denoise, [x], sigma_device[:1])[0]
         noises = self.step_noises(steps - 1, noise)
-        thresholds = self.thresholds(sigma, x.device)
         bounds, iterations = self.schedule(steps)
-        intervals = len(bounds) - 1
+        thresholds = self.thresholds([sigma[bound] for bound in bounds] + [0.0], x.device)  # of boundaries 1 .. M
 
         boundary: dict[tuple[int, int], Tensor] = {(0, 0): x}  # U^k_n
         coarse: dict[tuple[int, int], Tensor] = {}  # G(U^k_n)
@@ -185,11 +186,11 @@ class SRDS(ParallelSolver):
 
     @staticmethod
     def converged(boundary: dict, k: int, bounds: list[int], thresholds: Tensor) -> bool:
-        """Whether iteration k moved no boundary state by more than its tolerance (one host sync)."""
+        """Whether iteration k moved no boundary state k .. M by more than its tolerance (one host sync);
+        ``thresholds`` are those of boundaries 1 .. M."""
         changes = torch.stack([squared_change(boundary[k, n], boundary[k - 1, n]).amax()
                                for n in range(k, len(bounds))])
-        limits = thresholds[[bound - 1 for bound in bounds[k:]]]
-        return bool((changes <= limits).all())
+        return bool((changes <= thresholds[k - 1:]).all())
 
 
 @hookimpl

@@ -172,3 +172,46 @@ def test_parallel_plans_are_the_base_plans():
         for sampler in ("paradigms", "srds"):
             plan = get_solver(sampler, base=base, base_options=options).plan(37)
             assert replace(plan, max_evals=None, max_rounds=None) == sequential
+
+
+SUITE = """
+name = "parallel-tiny"
+device = "cpu"
+n = 64
+seeds = [0]
+nfe = [24, 48]
+schedules = ["karras"]
+metrics = ["trajectory_error"]
+
+[[models]]
+name = "gmm2d"
+
+[[solvers]]
+name = "ddim"
+
+[[solvers]]
+name = "paradigms"
+base = "ddim"
+base_options = { eta = 0.0 }
+window = 4
+label = "paradigms (ddim)"
+"""
+
+
+@pytest.mark.slow  # a whole run and report: about 30 s on a shared CPU
+def test_a_suite_records_rounds_and_reports_quality_against_them(tmp_path):
+    from bench.cli import main
+    from bench.sweep.store import read_results
+
+    (tmp_path / "parallel.toml").write_text(SUITE)
+    report = tmp_path / "report.html"
+    assert main(["run", str(tmp_path / "parallel.toml"), "--out", str(tmp_path), "--report", str(report),
+                 "--quiet"]) == 0
+    rows = read_results(tmp_path / "parallel-tiny.sqlite").set_index(["label", "nfe_budget"])
+    assert (rows.loc["ddim", "rounds"] == rows.loc["ddim", "nfe"]).all()
+    parallel = rows.loc["paradigms (ddim)"]
+    assert (parallel["rounds"] < parallel.index).all() and (parallel["nfe"] > parallel["rounds"]).all()
+    assert (parallel["trajectory_error"] - rows.loc["ddim", "trajectory_error"]).abs().max() < 1e-4
+    page = report.read_text()
+    assert "trajectory error vs rounds (model calls one after another)" in page
+    assert "trajectory error vs wall-clock per cell [s]" in page
