@@ -215,3 +215,14 @@ def test_a_suite_records_rounds_and_reports_quality_against_them(tmp_path):
     page = report.read_text()
     assert "trajectory error vs rounds (model calls one after another)" in page
     assert "trajectory error vs wall-clock per cell [s]" in page
+
+
+def test_a_cells_key_covers_the_base_solvers_code(tmp_path):
+    import json
+
+    from bench.sweep.suite import load_suite
+
+    (tmp_path / "parallel.toml").write_text(SUITE)
+    cells = {cell.solver.describe(): json.loads(cell.code) for cell in load_suite(tmp_path / "parallel.toml").cells}
+    assert cells["paradigms (ddim)"]["base_solver"]["module"] == "plugins.ddim"
+    assert "base_solver" not in cells["ddim"]
