@@ -72,11 +72,12 @@ class ParaDiGMS(ParallelSolver):
             last = min(end, steps - 1)  # the steps start .. last - 1 give the states start + 1 .. last
             if last == start:  # the window is the last point alone: x0 = D there, from its exact state
                 return denoised[-1]
-            increments = [fieldwise(Tensor.sub, base.step(i, states[i], tuple(estimates[max(0, i + 1 - base.history):
-                                                                                         i + 1]),
-                                                          sigmas, plan.orders, noises[i]), states[i])
-                          for i in range(start, last)]
-            new = cumulative(states[start], increments)
+            increments = []  # step_i(x_i) - x_i for each step of the window, from the guesses and this round's D
+            for i in range(start, last):
+                history = tuple(estimates[max(0, i + 1 - base.history):i + 1])
+                state_next = base.step(i, states[i], history, sigmas, plan.orders, noises[i])
+                increments.append(fieldwise(Tensor.sub, state_next, states[i]))
+            new = cumulative(states[start], increments)  # x_(i+1) = x_start + sum of the increments up to i
             changes = [squared_change(base.point(state), base.point(old))
                        for state, old in zip(new, states[start + 1:last + 1])]
             converged = leading_converged(changes, thresholds[start:last])
