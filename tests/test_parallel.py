@@ -146,18 +146,29 @@ def test_cuda_graph_is_refused_for_parallel_samplers(gmm2d):
         bench.sample(gmm2d, "paradigms", nfe=10, n=4, cuda_graph=True, device="cpu")
 
 
+_EXACT: dict = {}
+
+
+def exact_endpoints(model, x_T: torch.Tensor) -> torch.Tensor:
+    """The exact flow's endpoints from x_T, solved once per module (every case starts from the same x_T)."""
+    key = (model.name, x_T.shape, float(x_T.sum()))
+    if key not in _EXACT:
+        _EXACT[key] = solve_reference(model, x_T)
+    return _EXACT[key]
+
+
 @pytest.mark.parametrize("sampler, options", [("paradigms", {}), ("srds", {})])
 @pytest.mark.parametrize("base, base_options", [("ddim", {}), ("ddim", {"eta": 1.0}), ("dpm-solver++", {})],
                          ids=["ddim", "ddpm", "dpm-solver++"])
 def test_default_tolerance_is_within_the_noise_of_sequential(gmm2d, sampler, options, base, base_options):
     # per-sample squared distance to the exact flow's endpoint from the same x_T: the parallel samples' mean must
     # lie within two standard errors of the sequential samples' mean (ODE bases: within a tenth of it)
-    n, nfe = 512, 50
+    n, nfe = 256, 50
     sequential = bench.sample(gmm2d, base, nfe=nfe, n=n, seed=5, warmup=False, **base_options)
     parallel = bench.sample(gmm2d, sampler, nfe=nfe, n=n, seed=5, warmup=False, base=base,
                             base_options=base_options, **options)
     assert parallel.rounds < nfe or base_options  # an ODE base converges in fewer rounds than steps
-    exact = solve_reference(gmm2d, sequential.x_T)
+    exact = exact_endpoints(gmm2d, sequential.x_T)
     errors_sequential = (sequential.x.double() - exact).square().sum(dim=1)
     errors_parallel = (parallel.x.double() - exact).square().sum(dim=1)
     noise = errors_sequential.std() / n**0.5
