@@ -71,7 +71,7 @@ MISBEHAVIOURS = {
     "one-coordinate": (euler_then(lambda x, denoise, sigmas: x[..., :1]), r"shape \[16, 1\]"),
     "wrong-dtype": (euler_then(lambda x, denoise, sigmas: x.double()), r"torch.float64 samples .* the run is torch.float32"),
     "extra-calls": (euler_then(lambda x, denoise, sigmas: denoise(denoise(denoise(x, sigmas[-2]), sigmas[-2]), sigmas[-2])),
-                    r"made 7 denoiser calls per sample, but its plan \(4 steps\) declared 4"),
+                    r"made 7 denoiser evaluations per sample, but its plan \(4 steps\) declared at most 4"),
 }
 
 

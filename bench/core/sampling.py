@@ -14,6 +14,7 @@ from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.errors import BenchError, unknown_name
 from bench.core.guidance import GUIDANCE_KINDS
 from bench.core.noise import NoiseStream, gaussian
+from bench.core.parallel import ParallelSolver
 from bench.registry import PluginManager, manager
 from bench.core.solver import Plan, Solver, build_solver
 from bench.core.timing import Stopwatch
@@ -41,7 +42,7 @@ def agreement_tolerance(dtype: torch.dtype, sigma_max: float) -> float:
 class SampleOutput:
     x: Tensor  # samples [n, *shape]
     x_T: Tensor  # initial states sigma_max * eps [n, *shape]
-    nfe: float  # denoiser calls per sample, as counted (an adaptive solver's: the mean over batches)
+    nfe: float  # denoiser evaluations per sample, as counted (an adaptive solver's: the mean over batches)
     model_evals: float  # network evaluations per sample (2 per NFE under classifier-free guidance)
     seconds: float  # sampling wall-clock, warm-up excluded
     plan: Plan
@@ -50,6 +51,7 @@ class SampleOutput:
     stochastic: bool  # whether the solver drew per-step noise (its samples then follow no ODE trajectory)
     batch_size: int = 0  # the batch actually used (halved from n until it fit, when none was given)
     peak_memory_bytes: int | None = None  # peak device memory while sampling (CUDA only)
+    rounds: float = 0  # denoiser calls one after another per batch (= nfe but for parallel samplers), as counted
 
 
 def load_model(name: str, device: str | torch.device = "cpu", *, plugins: PluginManager | None = None,
@@ -184,9 +186,9 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         raise BenchError(str(error)) from None
     if precision not in PRECISIONS:
         raise unknown_name("precision", precision, PRECISIONS)
-    if cuda_graph and (device.type != "cuda" or solver.adaptive):
-        raise BenchError("cuda_graph needs a CUDA device and a fixed-step solver "
-                         f"(got device {device.type!r}, solver {solver.describe()})")
+    if cuda_graph and (device.type != "cuda" or solver.adaptive or isinstance(solver, ParallelSolver)):
+        raise BenchError("cuda_graph needs a CUDA device and a fixed-step, sequential solver (a parallel sampler's "
+                         f"rounds depend on its convergence); got device {device.type!r}, solver {solver.describe()}")
     run = _Run(network, solver, plan, sigmas, seed, offset, labels, dtype, device, precision, cuda_graph)
     if batch_size is not None:
         return run.sample(n, batch_size, warmup)
@@ -244,21 +246,22 @@ class _Run:
         for start in range(0, n, batch_size):
             positions = torch.arange(start, min(start + batch_size, n))
             x, x_T, counted = graph(positions, stopwatch) if graph else self.batch(positions, stopwatch)
-            self.check(x, x_T, counted[0])
+            self.check(x, x_T, counted[0], counted[2])
             samples.append(x)
             initial_states.append(x_T)
             counts.append(counted)
         # a fixed-step solver makes the same calls for every batch; an adaptive one's vary with the batch
         nfe = sum(count[0] for count in counts) / len(counts)
         model_evals = sum(count[1] for count in counts) / len(counts)
-        if nfe.is_integer():
-            nfe, model_evals = int(nfe), int(model_evals)
+        rounds = sum(count[2] for count in counts) / len(counts)  # a parallel sampler's vary with the batch
+        nfe, model_evals, rounds = (int(value) if value.is_integer() else value for value in (nfe, model_evals, rounds))
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return SampleOutput(x=torch.cat(samples), x_T=torch.cat(initial_states), nfe=nfe, model_evals=model_evals,
                             seconds=stopwatch.seconds(), plan=self.plan, sigmas=self.sigmas, labels=self.labels,
-                            stochastic=self.solver.stochastic, batch_size=batch_size, peak_memory_bytes=peak)
+                            stochastic=self.solver.stochastic, batch_size=batch_size, peak_memory_bytes=peak,
+                            rounds=rounds)
 
-    def check(self, x: Tensor, x_T: Tensor, nfe: int) -> None:
+    def check(self, x: Tensor, x_T: Tensor, nfe: int, rounds: int) -> None:
         """What the solver returned for one batch is what its contract promises, before anything uses it."""
         solver = self.solver.describe()
         if not isinstance(x, Tensor):
@@ -269,22 +272,28 @@ class _Run:
         if x.dtype != self.dtype or x.device != x_T.device:
             raise BenchError(f"solver {solver} returned {x.dtype} samples on {x.device}; the run is {self.dtype} on "
                              f"{x_T.device}")
-        if not self.solver.adaptive and nfe > self.plan.nfe:
-            raise BenchError(f"solver {solver} made {nfe} denoiser calls per sample, but its plan ({self.plan.steps} "
-                             f"steps) declared {self.plan.nfe}")
+        if self.solver.adaptive:
+            return
+        if nfe > self.plan.eval_bound:
+            raise BenchError(f"solver {solver} made {nfe} denoiser evaluations per sample, but its plan "
+                             f"({self.plan.steps} steps) declared at most {self.plan.eval_bound}")
+        if rounds > self.plan.round_bound:
+            raise BenchError(f"solver {solver} made {rounds} denoiser calls one after another, but its plan "
+                             f"({self.plan.steps} steps) declared at most {self.plan.round_bound}")
 
     def draw(self, indices: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, CountingDenoiser]:
         """x_T of the samples with global ``indices``, and the solver's result from it: all device work."""
         shape = tuple(self.network.shape)
         x_T = (gaussian(self.seed, indices, shape, dtype=torch.float64, device=self.device)
                * float(self.sigmas[0])).to(self.dtype)
-        denoise = CountingDenoiser(self.network, cond)
+        denoise = CountingDenoiser(self.network, cond, batch=len(indices))
         noise = NoiseStream(self.seed, indices, shape, self.dtype, self.device) if self.solver.stochastic else None
         with numerics(self.precision, self.device):
             x = self.solver.sample(denoise, x_T, self.sigmas, self.plan, noise)
         return x, x_T, denoise
 
-    def batch(self, positions: Tensor, stopwatch: Stopwatch | None = None) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def batch(self, positions: Tensor, stopwatch: Stopwatch | None = None
+              ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
         indices = (self.offset + positions).to(self.device)
         cond = self.labels[positions].to(self.device) if self.labels is not None else None
         with torch.inference_mode():
@@ -293,7 +302,7 @@ class _Run:
             else:
                 with stopwatch:
                     x, x_T, denoise = self.draw(indices, cond)
-        return x, x_T, (denoise.nfe, denoise.model_evals)
+        return x, x_T, (denoise.nfe, denoise.model_evals, denoise.rounds)
 
 
 class _GraphedBatch:
@@ -317,7 +326,7 @@ class _GraphedBatch:
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.x, self.x_T, denoise = run.draw(self.indices, self.cond)
-        self.counts = (denoise.nfe, denoise.model_evals)
+        self.counts = (denoise.nfe, denoise.model_evals, denoise.rounds)
 
     def _fill(self, positions: Tensor) -> None:
         padded = torch.cat([positions, positions[-1:].expand(self.batch_size - len(positions))])
@@ -325,7 +334,7 @@ class _GraphedBatch:
         if self.cond is not None:
             self.cond.copy_(self.run.labels[padded])
 
-    def __call__(self, positions: Tensor, stopwatch: Stopwatch) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def __call__(self, positions: Tensor, stopwatch: Stopwatch) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
         self._fill(positions)
         with stopwatch:
             self.graph.replay()

@@ -21,11 +21,28 @@ Noise = Callable[[int], Tensor]  # bench.core.noise.NoiseStream: step -> fresh N
 @dataclass(frozen=True)
 class Plan:
     """How a solver spends its budget: ``steps`` intervals of the sigma grid (steps + 1 points, the last 0),
-    ``nfe`` denoiser calls, and the order of each step for solvers that vary it (the loop reads them from here)."""
+    ``nfe`` denoiser calls, and the order of each step for solvers that vary it (the loop reads them from here).
+
+    A parallel sampler (bench.core.parallel) spends its base solver's budget in fewer, wider calls and declares
+    what it may spend at most: ``max_evals`` evaluations per sample (its work) and ``max_rounds`` calls one after
+    another. A sequential solver makes one evaluation per call: both bounds are ``nfe``. The harness refuses a
+    result that counted more than either bound."""
 
     steps: int
     nfe: int
     orders: tuple[int, ...] = ()
+    max_evals: int | None = None
+    max_rounds: int | None = None
+
+    @property
+    def eval_bound(self) -> int:
+        """The most denoiser evaluations per sample the solver may make."""
+        return self.nfe if self.max_evals is None else self.max_evals
+
+    @property
+    def round_bound(self) -> int:
+        """The most denoiser calls, one after another, the solver may make per batch."""
+        return self.nfe if self.max_rounds is None else self.max_rounds
 
 
 @dataclass(frozen=True)

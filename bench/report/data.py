@@ -17,7 +17,7 @@ from bench.sweep.schema import NAMES
 
 # config entries that vary along a series (its x axis and its seeds), or that do not change samples
 NOT_SERIES = ("seed", "nfe", "tolerance", "metrics")
-NUMERIC = ("nfe_budget", "tolerance", "guidance", "seed", "n", "nfe", "model_evals", "seconds")
+NUMERIC = ("nfe_budget", "tolerance", "guidance", "seed", "n", "nfe", "rounds", "model_evals", "seconds")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """The report's figures, one plotly figure each, drawn from the aggregated series of one model. Which metric goes
 where follows its metadata (bench.report.data.MetricInfo): every metric against counted NFE, on a log axis when it
 spans decades; the headline quality metric against wall-clock with the Pareto front; fidelity against diversity
-(precision against recall); and, when guidance varies, both against the guidance scale.
+(precision against recall); when guidance varies, both against the guidance scale; and, when a parallel sampler
+took part (its rounds, the model calls one after another, are fewer than its NFE), the headline quality metric
+against rounds and against wall-clock, each series a line over its budgets, parallel samplers next to their
+sequential bases.
 
 Every text of a figure that comes from a store or a plugin (trace names, titles, axis titles, hover text) goes
 through bench.report.escape.plot_text, because plotly renders them as a small HTML dialect.
@@ -109,6 +112,16 @@ def _pareto_figure(agg: pd.DataFrame, styles: dict[str, Style], info: MetricInfo
     return fig
 
 
+def _vs_depth(agg: pd.DataFrame, styles: dict[str, Style], info: MetricInfo, x: str, x_title: str) -> go.Figure:
+    fig = _new_figure(f"{info.title} vs {x_title}", x_title, info.title, log_x=True, log_y=info.log_scale)
+    return _series_traces(fig, agg, styles, x, info.name)
+
+
+def parallel_present(agg: pd.DataFrame) -> bool:
+    """Whether some series made fewer calls one after another than evaluations: a parallel sampler's."""
+    return has(agg, "rounds") and bool((agg["rounds"] < agg["nfe"] - 1e-9).any())
+
+
 def _fidelity_diversity(agg: pd.DataFrame, styles: dict[str, Style], fidelity: MetricInfo,
                         diversity: MetricInfo) -> go.Figure:
     fig = _new_figure(f"{fidelity.title} vs {diversity.title}", diversity.title, fidelity.title, log_x=False,
@@ -170,6 +183,11 @@ def figures(agg: pd.DataFrame, done: pd.DataFrame, styles: dict[str, Style],
                                                                                                      "diversity")
     if quality and has(agg, "seconds"):
         result.append(("pareto", _pareto_figure(agg, styles, quality)))
+    if quality and parallel_present(agg):
+        result.append((f"{quality.name}-vs-rounds", _vs_depth(agg, styles, quality, "rounds",
+                                                               "rounds (model calls one after another)")))
+        if has(agg, "seconds"):
+            result.append((f"{quality.name}-vs-seconds", _vs_depth(agg, styles, quality, "seconds", SECONDS_TITLE)))
     if fidelity and diversity:
         result.append(("precision-recall", _fidelity_diversity(agg, styles, fidelity, diversity)))
     if done["guidance"].dropna().nunique() > 1:

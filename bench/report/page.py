@@ -91,7 +91,7 @@ def _cells_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
     """Every cell of the model, failed ones included with their error text."""
     metrics = [name for name in infos if has(cells, name)]
     columns = ["key", "label", "solver", "schedule", "nfe_budget", "tolerance", "guidance", "seed", "n", "status", "nfe",
-               "model_evals", "seconds", "device", *metrics, "error"]
+               *(["rounds"] if "rounds" in cells else []), "model_evals", "seconds", "device", *metrics, "error"]
     ordered = cells.sort_values(["label", "schedule", "nfe_budget", "seed"], kind="stable", na_position="last")
     rows = [[_cell_value(row[c]) for c in columns[:-1]] + [_errors(row)] for _, row in ordered.iterrows()]
     classes = ["failed" if status != "done" else "" for status in ordered["status"]]
@@ -243,7 +243,7 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[s
     if finished.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
-        agg = aggregate(finished, ["seconds", *infos])
+        agg = aggregate(finished, ["seconds", *(["rounds"] if "rounds" in finished else []), *infos])
         styles = styles_for(agg)
         # the position ends the id: slugs of two metric names may coincide
         divs = "".join(f"<div>{figure_element(fig, element_id('fig', index, name, position))}</div>"

@@ -28,7 +28,8 @@ from bench.core.noise import GENERATOR
 from bench.registry import PluginManager
 
 # The modules of the harness that decide the samples of every cell, whatever the plugins.
-HARNESS_MODULES = ("bench.core.sampling", "bench.core.noise", "bench.core.denoiser", "bench.core.guidance", "bench.core.solver")
+HARNESS_MODULES = ("bench.core.sampling", "bench.core.noise", "bench.core.denoiser", "bench.core.guidance",
+                   "bench.core.solver", "bench.core.steps", "bench.core.parallel")
 
 
 def _module_file_bytes(module: ModuleType) -> bytes:

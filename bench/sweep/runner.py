@@ -131,8 +131,9 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
     sizes = [len(shard.x) for shard in shards]
     nfe = sum(shard.nfe * size for shard, size in zip(shards, sizes)) / cell.n  # per sample; adaptive NFE varies
     model_evals = sum(shard.model_evals * size for shard, size in zip(shards, sizes)) / cell.n
+    rounds = sum(shard.rounds * size for shard, size in zip(shards, sizes)) / cell.n  # each batch's, on average
     peaks = [shard.peak_memory_bytes for shard in shards if shard.peak_memory_bytes is not None]
-    return {"nfe": nfe, "model_evals": model_evals, "steps": shards[0].plan.steps,
+    return {"nfe": nfe, "rounds": rounds, "model_evals": model_evals, "steps": shards[0].plan.steps,
             "seconds": sum(shard.seconds for shard in shards), "metrics": metrics, "metric_errors": metric_errors,
             "batch_size": min(shard.batch_size for shard in shards), "peak_memory_bytes": max(peaks) if peaks else None,
             "grid_png": sample_grid_png(x) if x.dim() == 4 else None}

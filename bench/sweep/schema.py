@@ -44,7 +44,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("device", "TEXT NOT NULL", "where the cell ran"),
     Column("status", "TEXT NOT NULL CHECK (status IN ('done', 'failed'))", "done, or failed with the reason"),
     Column("error", "TEXT", "why the cell failed"),
-    Column("nfe", "REAL", "denoiser calls per sample, as counted"),
+    Column("nfe", "REAL", "denoiser evaluations per sample, as counted (a parallel sampler's work)"),
+    Column("rounds", "REAL", "denoiser calls one after another per batch, as counted: the sequential depth that "
+                             "sets latency (= nfe for a sequential solver)"),
     Column("model_evals", "REAL", "network evaluations per sample (2 per NFE under classifier-free guidance)"),
     Column("steps", "INTEGER", "steps of the solver's plan"),
     Column("seconds", "REAL", "sampling wall-clock of the cell, warm-up excluded"),
@@ -59,7 +61,7 @@ COLUMNS: tuple[Column, ...] = (
 )
 NAMES = tuple(column.name for column in COLUMNS)
 JSON_COLUMNS = ("metrics", "metric_errors", "config", "code", "environment")
-MEASURED = ("nfe", "model_evals", "steps", "seconds", "batch_size", "peak_memory_bytes")
+MEASURED = ("nfe", "rounds", "model_evals", "steps", "seconds", "batch_size", "peak_memory_bytes")
 
 
 def create_table_sql(table: str = "cells") -> str:

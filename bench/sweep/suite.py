@@ -165,6 +165,7 @@ def parse_suite(data: dict[str, Any], *, default_name: str | None = "suite", dev
                 code = canonical_json({
                     "harness": harness_identity(), "model": component_identity(plugins, "model", model.name),
                     "solver": component_identity(plugins, "solver", entry.component.name),
+                    **_base_identity(plugins, entry.component),
                     "schedule": (component_identity(plugins, "schedule", schedule.name)
                                  if not entry.adaptive else None),
                     "metrics": [component_identity(plugins, "metric", metric) for metric in sorted(metrics)]})
@@ -176,6 +177,15 @@ def parse_suite(data: dict[str, Any], *, default_name: str | None = "suite", dev
     _no_cell_twice(cells, plugins)
     return Suite(name=name, path=path, cells=cells, description=description,
                  feature_extractor_weights_path=weights_path, cell_timeout=cell_timeout)
+
+
+def _base_identity(plugins: PluginManager, solver: Component) -> dict[str, Any]:
+    """A parallel sampler's base solver (its ``base`` option, when it names a registered solver) is code the cell
+    runs too: its identity goes into the key."""
+    base = solver.kwargs.get("base")
+    if not isinstance(base, str) or base not in plugins.names("solver"):
+        return {}
+    return {"base_solver": component_identity(plugins, "solver", base)}
 
 
 def _metrics(value: Any, plugins: PluginManager) -> tuple[str, ...]:

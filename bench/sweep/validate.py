@@ -311,9 +311,20 @@ def device(value: Any, key: str) -> str:
 # --------------------------------------------------------------------------------------------- plugin options
 
 
-def option_value(value: Any, key: str) -> Any:
+class OptionTable(dict):
+    """A table of options given as one option (a parallel sampler's ``base_options``): a dict, hashable like the
+    other option values."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+def option_value(value: Any, key: str, *, tables: bool = True) -> Any:
     """An option is a number, a string, a boolean, or an array of those (given to the plugin as a tuple, so that
-    components stay hashable)."""
+    components stay hashable), or a table of such options (an OptionTable)."""
+    if isinstance(value, dict) and tables:
+        return OptionTable({name(option, key, width=MAX_STRING): option_value(item, f"{key}.{option}", tables=False)
+                            for option, item in value.items()})
     if isinstance(value, list):
         for item in value:
             if not isinstance(item, _SCALARS):
@@ -322,7 +333,8 @@ def option_value(value: Any, key: str) -> Any:
                 name(item, key, width=MAX_STRING)
         return tuple(value)
     if not isinstance(value, _SCALARS):
-        raise BenchError(f"{key}: an option is a number, a string, a boolean or an array of them; got {shown(value)}")
+        raise BenchError(f"{key}: an option is a number, a string, a boolean, an array of them or (at the top) a "
+                         f"table of them; got {shown(value)}")
     if isinstance(value, str):  # printable: options are spelled out in labels and messages
         name(value, key, width=MAX_STRING)
     return value
