@@ -1,18 +1,21 @@
 """The built-in metrics: trajectory error against the reference ODE solution; FID, KID, precision and recall in
 the model's feature space (torch-fidelity's values: bench/measure/distances.py computes FID and precision/recall on the
-device and is checked against torch-fidelity's functions; KID is torch-fidelity's own function); and, for models
-that know their true moments, the exact Frechet distance to the data distribution."""
+device and is checked against torch-fidelity's functions; KID is torch-fidelity's own function); Naeem et al.'s
+density and coverage (checked against their prdc package); and, for models that know their true moments, the exact
+Frechet distance to the data distribution."""
 
 from __future__ import annotations
 
 import torch
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
-from bench.measure.distances import Statistics, feature_statistics, frechet_distance, precision_recall
+from bench.measure.distances import (Statistics, density_coverage, feature_statistics, frechet_distance,
+                                     precision_recall)
 from bench.hookspecs import hookimpl
 from bench.measure.metrics import Metric, MetricContext
 
 NEIGHBORHOOD = 3  # Kynkaanniemi et al. 2019
+DENSITY_NEIGHBORHOOD = 5  # Naeem et al. 2020
 
 
 def trajectory_error(context: MetricContext) -> float | None:
@@ -47,6 +50,21 @@ def precision(context: MetricContext) -> float:
 
 def recall(context: MetricContext) -> float:
     return _precision_recall(context)[1]
+
+
+def _density_coverage(context: MetricContext) -> tuple[float, float]:
+    """On the samples' device (the features live on the CPU): the blocked k-NN counts are its work."""
+    device = context.samples.device
+    return context.memo("density-coverage", lambda: density_coverage(
+        context.features().to(device), context.reference_features().to(device), DENSITY_NEIGHBORHOOD))
+
+
+def density(context: MetricContext) -> float:
+    return _density_coverage(context)[0]
+
+
+def coverage(context: MetricContext) -> float:
+    return _density_coverage(context)[1]
 
 
 def frechet_exact(context: MetricContext) -> float | None:
@@ -84,5 +102,10 @@ def register_metrics(register):
                     axis="fidelity"), name="precision")
     register(Metric(recall, "higher", f"Kynkaanniemi et al. recall, k={NEIGHBORHOOD}", title="recall",
                     axis="diversity"), name="recall")
+    # density is not bounded by 1: samples crowding a dense region of the data count several times
+    register(Metric(density, "higher", f"Naeem et al. density, k={DENSITY_NEIGHBORHOOD}", title="density",
+                    axis="fidelity"), name="density")
+    register(Metric(coverage, "higher", f"Naeem et al. coverage, k={DENSITY_NEIGHBORHOOD}", title="coverage",
+                    axis="diversity"), name="coverage")
     register(Metric(frechet_exact, "lower", "Frechet distance to the true data moments",
                     title="exact Fréchet distance", log_scale=True), name="frechet_exact")
