@@ -1,4 +1,4 @@
-"""The command line: `samplerbench run | list | report`."""
+"""The command line: `samplerbench run | list | report | table | check | train`."""
 
 from __future__ import annotations
 
@@ -183,6 +183,11 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("results", help="results/<suite>.sqlite")
     report.add_argument("-o", "--output", help="HTML path (default: reports/<store name>.html)")
     report.set_defaults(handler=command_report)
+    from bench.tools import conformance
+
+    check = commands.add_parser("check", help="the conformance checks a solver plugin must pass, PASS/FAIL each")
+    conformance.add_arguments(check)
+    check.set_defaults(handler=conformance.command)
     train = commands.add_parser("train", help="train a model by its plugin's own recipe, e.g. `train digits`")
     train.add_argument("model", help="a model with a training recipe")
     train.add_argument("arguments", nargs=argparse.REMAINDER, help="the recipe's own options (see `train NAME --help`)")
