@@ -49,10 +49,11 @@ def styles_for(agg: pd.DataFrame) -> dict[str, Style]:
 
 
 def _error_bars(points: pd.DataFrame, column: str) -> dict | None:
-    std = points.get(f"{column}_std")
-    if std is None or not std.notna().any():
+    """The 95% t-interval over seeds (bench.report.data.aggregate); a point of one seed has none."""
+    ci = points.get(f"{column}_ci")
+    if ci is None or not ci.notna().any():
         return None
-    return {"type": "data", "array": std.fillna(0).tolist(), "visible": True, "thickness": 1}
+    return {"type": "data", "array": ci.fillna(0).tolist(), "visible": True, "thickness": 1}
 
 
 def _new_figure(title: str, x_title: str, y_title: str, *, log_x: bool, log_y: bool) -> go.Figure:

@@ -64,6 +64,13 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def mean_and_interval(mean: float, half_width: float) -> str:
+    """"m ± h" with h the confidence interval's half width, or "m (1 seed)" where there is no interval."""
+    if pd.isna(mean):
+        return "–"
+    return f"{_fmt(mean)} (1 seed)" if pd.isna(half_width) else f"{_fmt(mean)} ± {half_width:.2g}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]],
            row_classes: Sequence[str] | None = None) -> str:
     """A plain HTML table; every cell and header is escaped."""
@@ -81,8 +88,9 @@ def _best_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
     if info is None:
         return "<p>No quality metric was computed for this model.</p>"
     best = best_per_budget(cells, info.name, infos)
-    rows = [[r.nfe_budget, r.label, r.schedule, r.value, r.nfe, r.seeds] for r in best.itertuples()]
-    header = ["NFE budget", "best label", "schedule", f"{info.title} (mean, {info.better} is better)",
+    rows = [[r.nfe_budget, r.label, r.schedule, mean_and_interval(r.value, r.ci), r.nfe, r.seeds]
+            for r in best.itertuples()]
+    header = ["NFE budget", "best label", "schedule", f"{info.title} (mean ± 95% CI, {info.better} is better)",
               "counted NFE", "seeds"]
     return _table(header, rows)
 
@@ -208,7 +216,8 @@ def _notes(frame: pd.DataFrame, provenance: Mapping[str, str]) -> str:
     feature_space = next((provenance[k] for k in ("feature_space", "feature space") if k in provenance), None)
     if feature_space:
         parts.append(f"FID / precision / recall features: {feature_space}.")
-    parts.append("Lines show the mean over seeds (error bars: std across seeds); failed cells are not plotted.")
+    parts.append("Lines show the mean over seeds (error bars: the 95% Student t confidence interval of the mean; "
+                 "none where a point has one seed); failed cells are not plotted.")
     return f'<p class="note">{html_text(" ".join(parts))}</p>'
 
 
