@@ -268,3 +268,19 @@ def test_titles_and_scales_come_from_the_metrics_metadata(tmp_path):
     assert "Edge &lt;b&gt;sharpness&lt;/b&gt;" in [layout["yaxis"]["title"]["text"] for layout in layouts]
     assert "<b>" not in json.dumps(layouts)
     assert "higher is better" in text
+
+
+def test_the_best_table_ranks_by_every_metric_in_its_own_direction(tmp_path):
+    # at budget 5, a has the lower FID and b the higher recall; at 10 the other way round
+    values = {("a", 5): (1.0, 0.2), ("b", 5): (2.0, 0.6), ("a", 10): (0.9, 0.9), ("b", 10): (0.5, 0.3)}
+    rows = [_cell("m", label, budget, seed, fid=fid * (1 + 0.1 * seed), recall=recall)
+            for (label, budget), (fid, recall) in values.items() for seed in (0, 1)]
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = {"fid": METRIC_INFO["fid"], "recall": METRIC_INFO["recall"]}
+    text = write_report(frame, tmp_path / "r.html", title="t").read_text(encoding="utf-8")
+    table = text[text.index("Best solver per NFE budget"):text.index("All cells")]
+    assert "<th>best by FID</th>" in table and "<th>best by recall</th>" in table
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\w+)</td><td>([^<]+)</td><td>(\w+)</td><td>([^<]+)</td></tr>", table)
+    fid_ci = 12.706204736174704 * 0.1 / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1) * std / sqrt(2), std = 0.1 / sqrt 2
+    assert rows == [("5", "a", f"1.05 ± {fid_ci:.2g}", "b", "0.6 ± 0"),
+                    ("10", "b", f"0.525 ± {fid_ci * 0.5:.2g}", "a", "0.9 ± 0")]

@@ -84,14 +84,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]],
 
 
 def _best_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
-    info = headline(infos, done(cells))
-    if info is None:
-        return "<p>No quality metric was computed for this model.</p>"
-    best = best_per_budget(cells, info.name, infos)
-    rows = [[r.nfe_budget, r.label, r.schedule, mean_and_interval(r.value, r.ci), r.nfe, r.seeds]
-            for r in best.itertuples()]
-    header = ["NFE budget", "best label", "schedule", f"{info.title} (mean ± 95% CI, {info.better} is better)",
-              "counted NFE", "seeds"]
+    """Per NFE budget, the best series by each metric in its own direction (bench.report.data.best_per_budget):
+    the headline quality metric first, then the others in the store's order."""
+    finished = done(cells)
+    first = headline(infos, finished)
+    ranked = [info for info in infos.values() if has(finished, info.name) and finished["nfe_budget"].notna().any()]
+    if first is None and not ranked:
+        return "<p>No metric was computed for this model.</p>"
+    ranked.sort(key=lambda info: info is not first)  # stable: the headline first, the rest in order
+    best = {info.name: {row.nfe_budget: row for row in best_per_budget(cells, info.name, infos).itertuples()}
+            for info in ranked}
+    budgets = sorted({budget for by_budget in best.values() for budget in by_budget})
+    header = ["NFE budget"]
+    for info in ranked:
+        header += [f"best by {info.title}", f"{info.title} (mean ± 95% CI, {info.better} is better)"]
+    rows = []
+    for budget in budgets:
+        row: list[object] = [budget]
+        for info in ranked:
+            winner = best[info.name].get(budget)
+            row += [winner.series, mean_and_interval(winner.value, winner.ci)] if winner else [None, None]
+        rows.append(row)
     return _table(header, rows)
 
 
@@ -259,7 +272,7 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[s
                        for position, (name, fig) in enumerate(figures(agg, finished, styles, infos)))
         parts.append(f'<div class="figures">{divs}</div>')
     parts.append(_sample_gallery(finished, sample_grids))
-    parts.append(f"<h3>Best solver per NFE budget</h3>{_best_table(cells, infos)}")
+    parts.append(f"<h3>Best solver per NFE budget, by each metric</h3>{_best_table(cells, infos)}")
     parts.append(f"<h3>All cells</h3>{_cells_table(cells, infos)}</section>")
     return "".join(parts)
 
