@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -94,6 +95,13 @@ def _figures(text: str) -> dict[str, dict]:
     return {element: json.loads(spec) for element, spec in blocks}
 
 
+def _values(array) -> list[float]:
+    """A figure's data array as plotly's JSON holds it: a list, or a typed array in base64."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
 def _trace_names(text: str) -> set[str]:
     """Legend names of every trace in the figures' JSON."""
     return {trace["name"] for figure in _figures(text).values() for trace in figure["data"] if "name" in trace}
@@ -115,9 +123,9 @@ def test_no_external_references(page):
 def test_one_plot_div_per_expected_figure(page):
     expected = {
         0: ["trajectory_error-vs-nfe", "frechet_exact-vs-nfe", "recall-vs-nfe", "precision-vs-nfe",
-            "seconds-vs-nfe", "pareto", "precision-recall"],            # gmm2d: no FID
+            "seconds-vs-nfe", "trilemma", "precision-recall"],          # gmm2d: no FID
         1: ["fid-vs-nfe", "trajectory_error-vs-nfe", "recall-vs-nfe", "precision-vs-nfe", "my_score-vs-nfe",
-            "seconds-vs-nfe", "pareto", "precision-recall"],             # tiny-cifar: no exact Fréchet; a plugin's
+            "seconds-vs-nfe", "trilemma", "precision-recall"],           # tiny-cifar: no exact Fréchet; a plugin's
     }                                                                    # own metric gets its figure
     ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', page)
     # the figure's position ends its id (slugs of two metric names may coincide)
@@ -284,3 +292,38 @@ def test_the_best_table_ranks_by_every_metric_in_its_own_direction(tmp_path):
     fid_ci = 12.706204736174704 * 0.1 / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1) * std / sqrt(2), std = 0.1 / sqrt 2
     assert rows == [("5", "a", f"1.05 ± {fid_ci:.2g}", "b", "0.6 ± 0"),
                     ("10", "b", f"0.525 ± {fid_ci * 0.5:.2g}", "a", "0.9 ± 0")]
+
+
+def test_nfe_axes_are_ticked_at_the_budgets_swept(page):
+    from bench.report.figures import nfe_ticks
+
+    assert nfe_ticks([30, 40, 50, 40.0]) == [30, 40, 50]
+    many = nfe_ticks(list(range(1, 101)))
+    assert len(many) <= 12 and many[0] == 1 and many[-1] == 100
+    for element, figure in _figures(page).items():
+        if "-vs-nfe-" in element:
+            axis = figure["layout"]["xaxis"]
+            assert axis["tickvals"] == BUDGETS and axis["ticktext"] == ["5", "10", "20"], element
+
+
+def test_the_trilemma_shows_quality_time_and_diversity_at_once(tmp_path):
+    rows = [_cell("m", label, b, 0, fid=f / b, recall=r * b / 20, rounds=float(b // 2))
+            for label, f, r in (("a", 1.0, 0.5), ("b", 2.0, 1.0)) for b in BUDGETS]
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = {"fid": METRIC_INFO["fid"], "recall": METRIC_INFO["recall"]}
+    figures = _figures(write_report(frame, tmp_path / "r.html", title="t").read_text(encoding="utf-8"))
+    trilemma = next(figure for element, figure in figures.items() if element.startswith("fig-0-trilemma-"))
+    assert not any(element.startswith("fig-0-pareto-") for element in figures)  # the trilemma holds the front
+    a, b, front = trilemma["data"]
+    assert _values(a["x"]) == pytest.approx([0.05, 0.1, 0.2]) and _values(a["y"]) == pytest.approx([0.2, 0.1, 0.05])
+    assert a["marker"]["color"] == [0.125, 0.25, 0.5] and b["marker"]["color"] == [0.25, 0.5, 1.0]  # diversity
+    assert a["marker"]["colorbar"]["title"]["text"] == "recall" and (a["marker"]["cmin"], a["marker"]["cmax"]) == (0, 1)
+    assert front["name"] == "Pareto front" and _values(front["y"]) == pytest.approx([0.2, 0.1, 0.05])  # a beats b
+    assert a["text"][0] == "a @ NFE 5<br>FID 0.2<br>recall 0.125<br>rounds 2"
+
+
+def test_every_figure_downloads_as_svg():
+    from bench.report.scripts import DRAW, PLOT_CONFIG
+
+    assert PLOT_CONFIG["toImageButtonOptions"]["format"] == "svg"
+    assert "config.toImageButtonOptions.filename = element;" in DRAW

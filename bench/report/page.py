@@ -26,7 +26,7 @@ import pandas as pd
 from bench.report.data import (MetricInfo, aggregate, best_per_budget, done, has, metric_infos, normalize,
                                with_series)
 from bench.report.escape import element_id, html_text, raw_text
-from bench.report.figures import figures, headline, styles_for
+from bench.report.figures import HOVER_COSTS, figures, headline, styles_for
 from bench.report.scripts import (DRAW, PLOTLY_RUNTIME_STYLE, content_security_policy, figure_element,
                                   plotly_bundle, policy_meta, script_element)
 
@@ -265,7 +265,8 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[s
     if finished.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
-        agg = aggregate(finished, ["seconds", *infos])
+        costs = [column for column in HOVER_COSTS if column in finished.columns]
+        agg = aggregate(finished, ["seconds", *costs, *infos])
         styles = styles_for(agg)
         # the position ends the id: slugs of two metric names may coincide
         divs = "".join(f"<div>{figure_element(fig, element_id('fig', index, name, position))}</div>"
