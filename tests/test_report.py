@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import html
 import json
 import math
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.offline
 import pytest
+import torch
 
 from bench import report
 import bench.report.page
@@ -327,3 +329,17 @@ def test_every_figure_downloads_as_svg():
 
     assert PLOT_CONFIG["toImageButtonOptions"]["format"] == "svg"
     assert "config.toImageButtonOptions.filename = element;" in DRAW
+
+
+def test_a_2d_model_gets_its_samples_over_the_true_density(gmm2d):
+    from PIL import Image
+
+    from bench.sweep.runner import scatter_png
+
+    assert scatter_png(torch.zeros(4, 1, 8, 8), gmm2d) is None  # images get sample grids instead
+    modes = gmm2d.sample_data(8, seed=1)[:1]  # one sample: a red dot on a dense (blue) region
+    image = np.asarray(Image.open(io.BytesIO(scatter_png(modes, gmm2d, pixels=100))).convert("RGB")).astype(int)
+    red = np.argwhere((image[..., 0] > 200) & (image[..., 1] < 60))
+    assert 1 <= len(red) <= 4  # one 2 x 2 dot
+    assert tuple(image[50, 50]) == (255, 255, 255)  # the ring's empty centre
+    assert image[..., 2].min() < 230 and (image[..., 0] < 100).sum() > 50  # blue where the modes are

@@ -12,6 +12,7 @@ from bench.cli import main
 from bench.errors import BenchError
 from bench.report.data import t_half_width
 from bench.report.table import metric_table
+from bench.sweep.store import read_grids
 from helpers import write_suite
 
 T_975 = {1: 12.706204736174704, 2: 4.302652729749464}  # Student t quantiles, degrees of freedom 1 and 2
@@ -90,3 +91,5 @@ def test_the_command_reads_a_store(tmp_path, capsys):
                                                              ("heun", "5")}
     assert all(row["seeds"] == "2" and float(row["ci95_half_width"]) > 0 for row in rows)
     assert sum(row["best"] == "True" for row in rows) == 4  # one series per budget column: each is the best
+    grids = read_grids(tmp_path / "tiny.sqlite")  # gmm2d's cells: scatter plots over the true density
+    assert len(grids) == 8 and all(png.startswith(b"\x89PNG") for png in grids.values())

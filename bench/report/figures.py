@@ -173,8 +173,9 @@ def _fidelity_diversity(agg: pd.DataFrame, styles: dict[str, Style], fidelity: M
                         diversity: MetricInfo) -> go.Figure:
     fig = _new_figure(f"{fidelity.title} vs {diversity.title}", diversity.title, fidelity.title, log_x=False,
                       log_y=False)
-    fig.update_xaxes(range=[-0.02, 1.02])
-    fig.update_yaxes(range=[-0.02, 1.02])
+    for info, update in ((diversity, fig.update_xaxes), (fidelity, fig.update_yaxes)):
+        if agg[info.name].dropna().between(0, 1).all():  # a share (not density, which can pass 1): the unit range
+            update(range=[-0.02, 1.02])
     return _series_traces(fig, agg, styles, diversity.name, fidelity.name, mode="markers", error_bars=False)
 
 
@@ -233,8 +234,9 @@ def figures(agg: pd.DataFrame, done: pd.DataFrame, styles: dict[str, Style],
             result.append(("trilemma", _trilemma(agg, styles, quality, diversity)))
         else:
             result.append(("pareto", _pareto_figure(agg, styles, quality)))
-    if fidelity and diversity:
-        result.append(("precision-recall", _fidelity_diversity(agg, styles, fidelity, diversity)))
+    # each fidelity metric against its diversity twin, in the store's order (precision-recall, density-coverage)
+    pairs = zip((i for i in present if i.axis == "fidelity"), (i for i in present if i.axis == "diversity"))
+    result += [(f"{f.name}-{d.name}", _fidelity_diversity(agg, styles, f, d)) for f, d in pairs]
     if done["guidance"].dropna().nunique() > 1:
         if fidelity and diversity:
             result.append(("precision-recall-guidance", _fidelity_diversity_by_guidance(agg, fidelity, diversity)))

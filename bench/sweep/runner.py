@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.core.sampling import SampleOutput, get_solver, load_model, make_sigmas
+from bench.core.sampling import SampleOutput, get_solver, load_model, make_sigmas, model_device
 from bench.errors import BenchError, unknown_name
 from bench.measure.features import FeatureSpace, feature_space_for, to_uint8
 from bench.measure.metrics import MetricContext, SharedCache, model_id
@@ -135,7 +135,7 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
     return {"nfe": nfe, "model_evals": model_evals, "steps": shards[0].plan.steps,
             "seconds": sum(shard.seconds for shard in shards), "metrics": metrics, "metric_errors": metric_errors,
             "batch_size": min(shard.batch_size for shard in shards), "peak_memory_bytes": max(peaks) if peaks else None,
-            "grid_png": sample_grid_png(x) if x.dim() == 4 else None}
+            "grid_png": sample_grid_png(x) if x.dim() == 4 else scatter_png(x, model)}
 
 
 def metric_value(name: str, value: Any) -> float | None:
@@ -159,6 +159,36 @@ def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
     grid = make_grid(images, nrow=int(len(images) ** 0.5 + 0.999), padding=1, pad_value=255)
     buffer = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scatter_png(x: torch.Tensor, model, count: int = 1000,
+                pixels: int = 240) -> bytes | None:
+    """For a 2-D model that knows its density (``log_density``): the first samples of a cell as red dots over the
+    true density at sigma_min (white to blue), so a missed or smeared mode shows at a glance. None otherwise."""
+    if x.dim() != 2 or x.shape[1] != 2 or not hasattr(model, "log_density"):
+        return None
+    from PIL import Image
+
+    points = x[:count].detach().to("cpu", torch.float64)
+    data = model.sample_data(4096, seed=0).to(torch.float64) if hasattr(model, "sample_data") else points
+    # the window: the data's extent with a margin, grown to hold most samples but not far-flung outliers
+    extent = torch.cat([data, points.clamp(-1e3, 1e3)]).abs().quantile(0.995).item() * 1.15
+    axis = torch.linspace(-extent, extent, pixels, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)  # y up
+    with torch.inference_mode():
+        log_p = model.log_density(grid.to(model_device(model)), float(model.sigma_min)).to("cpu", torch.float64)
+    shade = (log_p - log_p.max()).exp().sqrt().reshape(pixels, pixels)  # sqrt: the tails stay visible
+    white, blue = torch.tensor([255.0, 255.0, 255.0]), torch.tensor([40.0, 90.0, 200.0])
+    image = (white + shade[..., None] * (blue - white)).round().to(torch.uint8)
+    columns = ((points[:, 0] + extent) / (2 * extent) * (pixels - 1)).round().long()
+    rows = ((extent - points[:, 1]) / (2 * extent) * (pixels - 1)).round().long()
+    inside = (columns >= 0) & (columns < pixels - 1) & (rows >= 0) & (rows < pixels - 1)
+    for dr in (0, 1):  # 2 x 2 pixel dots
+        for dc in (0, 1):
+            image[rows[inside] + dr, columns[inside] + dc] = torch.tensor([220, 30, 30], dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image.numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
