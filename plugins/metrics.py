@@ -12,6 +12,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metri
 from bench.measure.distances import (Statistics, density_coverage, feature_statistics, frechet_distance,
                                      precision_recall)
 from bench.hookspecs import hookimpl
+from bench.measure.dinov2 import dinov2
 from bench.measure.metrics import Metric, MetricContext
 
 NEIGHBORHOOD = 3  # Kynkaanniemi et al. 2019
@@ -30,6 +31,17 @@ def fid(context: MetricContext) -> float:
     data = context.shared.get("fid-statistics|" + context.reference_key,
                               lambda: feature_statistics(context.reference_features()))
     return frechet_distance(feature_statistics(context.features()), data)
+
+
+def fd_dinov2(context: MetricContext) -> float | None:
+    """Frechet distance in DINOv2's feature space (Stein et al. 2023), for 3xHxW images; None for other samples."""
+    shape = tuple(context.model.shape)
+    if len(shape) != 3 or shape[0] != 3:
+        return None
+    space = context.shared.get("dinov2-space", dinov2)  # SAMPLERBENCH_DINOV2_WEIGHTS, loaded once per run
+    data = context.shared.get("fd-dinov2-statistics|" + context.reference_key_in(space),
+                              lambda: feature_statistics(context.reference_features_in(space)))
+    return frechet_distance(feature_statistics(context.features_in(space)), data)
 
 
 def kid(context: MetricContext) -> float:
@@ -95,6 +107,9 @@ def register_metrics(register):
                     title="trajectory error", log_scale=True), name="trajectory_error")
     register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space",
                     title="FID", log_scale=True), name="fid")
+    register(Metric(fd_dinov2, "lower", "Frechet distance to as many real samples in DINOv2 ViT features "
+                    "(Stein et al. 2023); weights from SAMPLERBENCH_DINOV2_WEIGHTS", title="FD-DINOv2",
+                    log_scale=True), name="fd_dinov2")
     # KID's unbiased estimate can be <= 0: a linear axis
     register(Metric(kid, "lower", "Kernel distance to as many real samples (torch-fidelity's KID)", title="KID"),
              name="kid")

@@ -108,6 +108,27 @@ class MetricContext:
 
         return self.shared.get("features|" + self.reference_key, draw, persist=True)
 
+    def features_in(self, space: FeatureSpace) -> Tensor:
+        """The samples in another feature space than the model's (DINOv2's for FD-DINOv2), once per cell."""
+        return self.memo(f"features|{space.name}", lambda: space(self.samples))
+
+    def reference_features_in(self, space: FeatureSpace) -> Tensor:
+        """The real data of ``reference_features`` in ``space``, cached under a key that names the space."""
+        n = len(self.samples)
+
+        def draw() -> Tensor:
+            labels = self.labels.cpu() if self.labels is not None else None
+            return space(self.model.sample_data(n, seed=REFERENCE_DATA_SEED, labels=labels))
+
+        if not hasattr(self.model, "sample_data"):
+            raise BenchError(f"model {self.model_id} provides no real data (sample_data); a distance to the data "
+                             "needs it")
+        return self.shared.get("features|" + self.reference_key_in(space), draw, persist=True)
+
+    def reference_key_in(self, space: FeatureSpace) -> str:
+        """``reference_key`` for the real data in ``space``."""
+        return f"{self.model_id}|{space.name}|{len(self.samples)}|{_digest(self.labels)}|{REFERENCE_DATA_SEED}"
+
     def reference_solution(self) -> Tensor:
         return self.references.get(self.model, self.model_id, self.x_T, self.labels)
 
