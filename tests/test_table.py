@@ -93,3 +93,15 @@ def test_the_command_reads_a_store(tmp_path, capsys):
     assert sum(row["best"] == "True" for row in rows) == 4  # one series per budget column: each is the best
     grids = read_grids(tmp_path / "tiny.sqlite")  # gmm2d's cells: scatter plots over the true density
     assert len(grids) == 8 and all(png.startswith(b"\x89PNG") for png in grids.values())
+
+
+def test_by_guidance_the_scales_are_the_columns_not_part_of_the_series():
+    rows = [{**_row(label, 10, seed, fid=fid + seed), "guidance": w, "key": f"{label}/{w}/{seed}"}
+            for label, w, fid in (("euler", 0.0, 2.0), ("euler", 2.0, 1.0), ("heun", 0.0, 1.0), ("heun", 2.0, 3.0))
+            for seed in (0, 1)]
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = _results().attrs["metrics"]
+    lines = metric_table(frame, "fid", by="guidance").splitlines()
+    assert "| series | w 0 | w 2 |" in lines
+    ci = f"{T_975[1] * math.sqrt(0.5) / math.sqrt(2):.2g}"
+    assert f"| euler | 2.5 ± {ci} | **1.5 ± {ci}** |" in lines and f"| heun | **1.5 ± {ci}** | 3.5 ± {ci} |" in lines
