@@ -38,7 +38,8 @@ def fd_dinov2(context: MetricContext) -> float | None:
     shape = tuple(context.model.shape)
     if len(shape) != 3 or shape[0] != 3:
         return None
-    space = context.shared.get("dinov2-space", dinov2)  # SAMPLERBENCH_DINOV2_WEIGHTS, loaded once per run
+    # the suite's dinov2_weights_path, else SAMPLERBENCH_DINOV2_WEIGHTS; loaded once per run
+    space = context.shared.get("dinov2-space", lambda: dinov2(context.shared.settings.get("dinov2_weights_path")))
     data = context.shared.get("fd-dinov2-statistics|" + context.reference_key_in(space),
                               lambda: feature_statistics(context.reference_features_in(space)))
     return frechet_distance(feature_statistics(context.features_in(space)), data)
@@ -108,7 +109,7 @@ def register_metrics(register):
     register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space",
                     title="FID", log_scale=True), name="fid")
     register(Metric(fd_dinov2, "lower", "Frechet distance to as many real samples in DINOv2 ViT features "
-                    "(Stein et al. 2023); weights from SAMPLERBENCH_DINOV2_WEIGHTS", title="FD-DINOv2",
+                    "(Stein et al. 2023); weights: the suite's dinov2_weights_path or SAMPLERBENCH_DINOV2_WEIGHTS", title="FD-DINOv2",
                     log_scale=True), name="fd_dinov2")
     # KID's unbiased estimate can be <= 0: a linear axis
     register(Metric(kid, "lower", "Kernel distance to as many real samples (torch-fidelity's KID)", title="KID"),

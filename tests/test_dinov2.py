@@ -86,3 +86,29 @@ def test_a_missing_file_says_where_to_put_it(tmp_path, monkeypatch):
     torch.save({"weight": torch.zeros(2)}, other)
     with pytest.raises(BenchError, match=r"is not a DINOv2 ViT state dict"):
         dinov2(str(other))
+
+
+def test_a_suite_names_the_weights_file(weights, tmp_path, monkeypatch):
+    from bench.sweep.runner import run_suite
+    from bench.sweep.store import read_results
+    from bench.sweep.suite import load_suite
+    from helpers import write_suite
+
+    monkeypatch.delenv(DINOV2_WEIGHTS_ENV, raising=False)
+    text = f"""
+    name = "dino"
+    n = 12
+    seeds = [0]
+    nfe = [3]
+    metrics = ["fd_dinov2", "fid"]
+    dinov2_weights_path = "{weights}"
+    [[models]]
+    name = "gmm-image"
+    [[solvers]]
+    name = "euler"
+    """
+    run_suite(load_suite(write_suite(tmp_path, text)), tmp_path, progress=False)
+    row = read_results(tmp_path / "dino.sqlite").iloc[0]
+    assert row["status"] == "done" and row["fd_dinov2"] > 0 and row["fd_dinov2"] != row["fid"]
+    with pytest.raises(BenchError, match=r"dinov2_weights_path: no file 'nowhere.pth'"):
+        load_suite(write_suite(tmp_path, text.replace(str(weights), "nowhere.pth")))

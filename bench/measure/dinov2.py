@@ -7,7 +7,8 @@ but it builds the backbone through ``torch.hub`` (a download of facebookresearch
 refuses a local weights file. Here the same extractor runs on a backbone built from a local file: the ViT below has
 the parameter names of facebookresearch/dinov2's checkpoints (``dinov2_vits14_pretrain.pth`` ...
 ``dinov2_vitl14_pretrain.pth``), and its shape (width, depth, patch, position grid) is read from the file, so any
-of them loads. The file comes from the environment (SAMPLERBENCH_DINOV2_WEIGHTS); nothing is downloaded.
+of them loads. The file comes from the suite (``dinov2_weights_path``) or the environment
+(SAMPLERBENCH_DINOV2_WEIGHTS); nothing is downloaded.
 
 The backbone, as DINOv2 defines it: patches of 14 x 14 pixels embedded by a strided convolution, a class token
 prepended, learned position embeddings (trained on a 37 x 37 grid, bicubically resized to the input's grid with
@@ -103,13 +104,14 @@ class DinoV2(nn.Module):
 
 
 def weights_path(path: str | None = None) -> Path:
-    """The DINOv2 weights file: ``path``, else SAMPLERBENCH_DINOV2_WEIGHTS; a clear error where there is none."""
+    """The DINOv2 weights file: ``path`` (a suite's dinov2_weights_path), else SAMPLERBENCH_DINOV2_WEIGHTS; a clear
+    error where there is none."""
     path = path or os.environ.get(DINOV2_WEIGHTS_ENV)
     if not path:
         raise BenchError("FD-DINOv2 needs DINOv2 ViT weights, which are not bundled and are never downloaded: put "
                          "facebookresearch/dinov2's dinov2_vitl14_pretrain.pth (the paper's ViT-L/14; vits14 and "
                          f"vitb14 load too) on this machine and set the environment variable {DINOV2_WEIGHTS_ENV} "
-                         "to its path")
+                         "to its path (or the suite's dinov2_weights_path)")
     if not Path(path).is_file():
         raise BenchError(f"DINOv2 weights file {path!r} ({DINOV2_WEIGHTS_ENV}) does not exist; put "
                          "dinov2_vitl14_pretrain.pth there, or point the variable at it")

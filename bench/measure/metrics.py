@@ -135,10 +135,12 @@ class MetricContext:
 
 class SharedCache:
     """Across cells: real-data features and their statistics, by a key naming the data, the feature space, N and
-    the labels. With a directory, features also persist across runs as safetensors named by the key's hash."""
+    the labels. With a directory, features also persist across runs as safetensors named by the key's hash.
+    ``settings`` are the run's own (the suite's ``dinov2_weights_path``), for metrics to read."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, settings: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        self.settings = dict(settings or {})
         self._items: dict[str, Any] = {}
 
     def get(self, key: str, compute: Callable[[], Any], *, persist: bool = False) -> Any:

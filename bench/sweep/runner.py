@@ -260,7 +260,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
     path = store_path(suite, out_dir)
     remove_stale_temporaries(out_dir / "cache")
     references = ReferenceCache(out_dir / "cache")
-    shared = SharedCache(out_dir / "cache")
+    shared = SharedCache(out_dir / "cache", settings={"dinov2_weights_path": suite.dinov2_weights_path})
     environments: dict[str, dict[str, Any]] = {}
     claimant = new_claimant()
     done = failed = skipped = 0
