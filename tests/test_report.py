@@ -343,3 +343,6 @@ def test_a_2d_model_gets_its_samples_over_the_true_density(gmm2d):
     assert 1 <= len(red) <= 4  # one 2 x 2 dot
     assert tuple(image[50, 50]) == (255, 255, 255)  # the ring's empty centre
     assert image[..., 2].min() < 230 and (image[..., 0] < 100).sum() > 50  # blue where the modes are
+    far = np.asarray(Image.open(io.BytesIO(scatter_png(torch.tensor([[1e6, 0.0]]), gmm2d, pixels=100))))
+    assert sorted({tuple(p) for p in np.argwhere((far[..., 0] > 200) & (far[..., 1] < 60))}) == [
+        (50, 98), (50, 99), (51, 98), (51, 99)]  # pinned to the right edge; y = 0 is row 49.5, rounded to even

@@ -165,15 +165,14 @@ def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
 def scatter_png(x: torch.Tensor, model, count: int = 1000,
                 pixels: int = 240) -> bytes | None:
     """For a 2-D model that knows its density (``log_density``): the first samples of a cell as red dots over the
-    true density at sigma_min (white to blue), so a missed or smeared mode shows at a glance. None otherwise."""
-    if x.dim() != 2 or x.shape[1] != 2 or not hasattr(model, "log_density"):
+    true density at sigma_min (white to blue), so a missed or smeared mode shows at a glance. The window is the
+    data's (every cell of a model on the same axes); samples beyond it are pinned to its edge. None otherwise."""
+    if x.dim() != 2 or x.shape[1] != 2 or not hasattr(model, "log_density") or not hasattr(model, "sample_data"):
         return None
     from PIL import Image
 
     points = x[:count].detach().to("cpu", torch.float64)
-    data = model.sample_data(4096, seed=0).to(torch.float64) if hasattr(model, "sample_data") else points
-    # the window: the data's extent with a margin, grown to hold most samples but not far-flung outliers
-    extent = torch.cat([data, points.clamp(-1e3, 1e3)]).abs().quantile(0.995).item() * 1.15
+    extent = model.sample_data(4096, seed=0).to(torch.float64).abs().quantile(0.999).item() * 1.3
     axis = torch.linspace(-extent, extent, pixels, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(axis, axis.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)  # y up
     with torch.inference_mode():
@@ -181,12 +180,14 @@ def scatter_png(x: torch.Tensor, model, count: int = 1000,
     shade = (log_p - log_p.max()).exp().sqrt().reshape(pixels, pixels)  # sqrt: the tails stay visible
     white, blue = torch.tensor([255.0, 255.0, 255.0]), torch.tensor([40.0, 90.0, 200.0])
     image = (white + shade[..., None] * (blue - white)).round().to(torch.uint8)
-    columns = ((points[:, 0] + extent) / (2 * extent) * (pixels - 1)).round().long()
-    rows = ((extent - points[:, 1]) / (2 * extent) * (pixels - 1)).round().long()
-    inside = (columns >= 0) & (columns < pixels - 1) & (rows >= 0) & (rows < pixels - 1)
+
+    def to_pixel(value: torch.Tensor) -> torch.Tensor:  # -extent .. extent -> 0 .. pixels - 2 (a dot is 2 wide)
+        return ((value + extent) / (2 * extent) * (pixels - 1)).round().long().clamp(0, pixels - 2)
+
+    columns, rows = to_pixel(points[:, 0].nan_to_num(0.0)), to_pixel(-points[:, 1].nan_to_num(0.0))  # y up
     for dr in (0, 1):  # 2 x 2 pixel dots
         for dc in (0, 1):
-            image[rows[inside] + dr, columns[inside] + dc] = torch.tensor([220, 30, 30], dtype=torch.uint8)
+            image[rows + dr, columns + dc] = torch.tensor([220, 30, 30], dtype=torch.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image.numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
