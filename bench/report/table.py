@@ -6,6 +6,7 @@ over seeds +- the 95% Student t confidence interval's half width, the best of ea
 The best of a column is the best mean in the metric's own direction (its registration's ``better``); a series
 measured with one seed has no interval and says so. Markdown and LaTeX mark the best in bold; CSV is long (one
 line per series and column, with mean, half width, seeds and a ``best`` flag), for a spreadsheet or a plot.
+Cells without a value of the column (an adaptive solver has no NFE budget) and failed cells are left out.
 """
 
 from __future__ import annotations
