@@ -1,4 +1,4 @@
-"""The command line: `samplerbench run | list | report`."""
+"""The command line: `samplerbench run | list | report | table | check | train`."""
 
 from __future__ import annotations
 
@@ -115,6 +115,15 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_table(args: argparse.Namespace) -> int:
+    from bench.report.table import metric_table
+    from bench.sweep.store import read_results
+
+    print(metric_table(read_results(args.results), args.metric, by=args.by, fmt=args.format, model=args.model),
+          end="")
+    return 0
+
+
 def command_train(args: argparse.Namespace) -> int:
     from bench.registry import manager
 
@@ -183,6 +192,21 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("results", help="results/<suite>.sqlite")
     report.add_argument("-o", "--output", help="HTML path (default: reports/<store name>.html)")
     report.set_defaults(handler=command_report)
+    from bench.report.table import BY, FORMATS
+
+    table = commands.add_parser("table", help="one metric as a table for a paper: mean ± 95%% CI over seeds, a "
+                                "column per NFE budget, the best of each marked")
+    table.add_argument("results", help="results/<suite>.sqlite")
+    table.add_argument("--metric", required=True, help="a metric of the store, e.g. fid")
+    table.add_argument("--by", choices=list(BY), default="nfe", help="the columns: NFE budgets or guidance scales")
+    table.add_argument("--format", choices=list(FORMATS), default="markdown")
+    table.add_argument("--model", help="one model of the store (default: a table per model)")
+    table.set_defaults(handler=command_table)
+    from bench.tools import conformance
+
+    check = commands.add_parser("check", help="the conformance checks a solver plugin must pass, PASS/FAIL each")
+    conformance.add_arguments(check)
+    check.set_defaults(handler=conformance.command)
     train = commands.add_parser("train", help="train a model by its plugin's own recipe, e.g. `train digits`")
     train.add_argument("model", help="a model with a training recipe")
     train.add_argument("arguments", nargs=argparse.REMAINDER, help="the recipe's own options (see `train NAME --help`)")

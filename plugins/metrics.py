@@ -1,18 +1,22 @@
 """The built-in metrics: trajectory error against the reference ODE solution; FID, KID, precision and recall in
 the model's feature space (torch-fidelity's values: bench/measure/distances.py computes FID and precision/recall on the
-device and is checked against torch-fidelity's functions; KID is torch-fidelity's own function); and, for models
-that know their true moments, the exact Frechet distance to the data distribution."""
+device and is checked against torch-fidelity's functions; KID is torch-fidelity's own function); Naeem et al.'s
+density and coverage (checked against their prdc package); and, for models that know their true moments, the exact
+Frechet distance to the data distribution."""
 
 from __future__ import annotations
 
 import torch
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
-from bench.measure.distances import Statistics, feature_statistics, frechet_distance, precision_recall
+from bench.measure.distances import (Statistics, density_coverage, feature_statistics, frechet_distance,
+                                     precision_recall)
 from bench.hookspecs import hookimpl
+from bench.measure.dinov2 import dinov2
 from bench.measure.metrics import Metric, MetricContext
 
 NEIGHBORHOOD = 3  # Kynkaanniemi et al. 2019
+DENSITY_NEIGHBORHOOD = 5  # Naeem et al. 2020
 
 
 def trajectory_error(context: MetricContext) -> float | None:
@@ -27,6 +31,18 @@ def fid(context: MetricContext) -> float:
     data = context.shared.get("fid-statistics|" + context.reference_key,
                               lambda: feature_statistics(context.reference_features()))
     return frechet_distance(feature_statistics(context.features()), data)
+
+
+def fd_dinov2(context: MetricContext) -> float | None:
+    """Frechet distance in DINOv2's feature space (Stein et al. 2023), for 3xHxW images; None for other samples."""
+    shape = tuple(context.model.shape)
+    if len(shape) != 3 or shape[0] != 3:
+        return None
+    # the suite's dinov2_weights_path, else SAMPLERBENCH_DINOV2_WEIGHTS; loaded once per run
+    space = context.shared.get("dinov2-space", lambda: dinov2(context.shared.settings.get("dinov2_weights_path")))
+    data = context.shared.get("fd-dinov2-statistics|" + context.reference_key_in(space),
+                              lambda: feature_statistics(context.reference_features_in(space)))
+    return frechet_distance(feature_statistics(context.features_in(space)), data)
 
 
 def kid(context: MetricContext) -> float:
@@ -47,6 +63,21 @@ def precision(context: MetricContext) -> float:
 
 def recall(context: MetricContext) -> float:
     return _precision_recall(context)[1]
+
+
+def _density_coverage(context: MetricContext) -> tuple[float, float]:
+    """On the samples' device (the features live on the CPU): the blocked k-NN counts are its work."""
+    device = context.samples.device
+    return context.memo("density-coverage", lambda: density_coverage(
+        context.features().to(device), context.reference_features().to(device), DENSITY_NEIGHBORHOOD))
+
+
+def density(context: MetricContext) -> float:
+    return _density_coverage(context)[0]
+
+
+def coverage(context: MetricContext) -> float:
+    return _density_coverage(context)[1]
 
 
 def frechet_exact(context: MetricContext) -> float | None:
@@ -77,6 +108,9 @@ def register_metrics(register):
                     title="trajectory error", log_scale=True), name="trajectory_error")
     register(Metric(fid, "lower", "Frechet distance to as many real samples, in the model's feature space",
                     title="FID", log_scale=True), name="fid")
+    register(Metric(fd_dinov2, "lower", "Frechet distance to as many real samples in DINOv2 ViT features "
+                    "(Stein et al. 2023); weights: the suite's dinov2_weights_path or SAMPLERBENCH_DINOV2_WEIGHTS", title="FD-DINOv2",
+                    log_scale=True), name="fd_dinov2")
     # KID's unbiased estimate can be <= 0: a linear axis
     register(Metric(kid, "lower", "Kernel distance to as many real samples (torch-fidelity's KID)", title="KID"),
              name="kid")
@@ -84,5 +118,10 @@ def register_metrics(register):
                     axis="fidelity"), name="precision")
     register(Metric(recall, "higher", f"Kynkaanniemi et al. recall, k={NEIGHBORHOOD}", title="recall",
                     axis="diversity"), name="recall")
+    # density is not bounded by 1: samples crowding a dense region of the data count several times
+    register(Metric(density, "higher", f"Naeem et al. density, k={DENSITY_NEIGHBORHOOD}", title="density",
+                    axis="fidelity"), name="density")
+    register(Metric(coverage, "higher", f"Naeem et al. coverage, k={DENSITY_NEIGHBORHOOD}", title="coverage",
+                    axis="diversity"), name="coverage")
     register(Metric(frechet_exact, "lower", "Frechet distance to the true data moments",
                     title="exact Fréchet distance", log_scale=True), name="frechet_exact")

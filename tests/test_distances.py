@@ -6,7 +6,8 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_part
 
-from bench.measure.distances import feature_statistics, frechet_distance, kth_neighbour_radii, precision_recall
+from bench.measure.distances import (density_coverage, feature_statistics, frechet_distance, kth_neighbour_radii,
+                                     precision_recall)
 
 
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -62,3 +63,33 @@ def test_kth_neighbour_radius_by_hand():
     # k = 1: the nearest other point; k = 2: the second nearest
     assert kth_neighbour_radii(points, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
     assert kth_neighbour_radii(points, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("n_generated, n_real, d", [(700, 500, 8), (400, 900, 64)])
+def test_density_coverage_are_prdcs(k, n_generated, n_real, d):
+    prdc = pytest.importorskip("prdc")
+    generated = correlated_features(n_generated, d, 7, shift=0.3)
+    real = correlated_features(n_real, d, 8)
+    theirs = prdc.compute_prdc(real_features=real.numpy(), fake_features=generated.numpy(), nearest_k=k)
+    density, coverage = density_coverage(generated, real, k)
+    # the same counts: a distance would have to tie a radius to rounding to tell sklearn's from torch's
+    assert density == pytest.approx(theirs["density"], rel=1e-12)
+    assert coverage == pytest.approx(theirs["coverage"], rel=1e-12)
+    assert 0 < coverage < 1 and density > 0  # other mixing matrices, other laws: some real balls stay empty
+
+
+def test_density_coverage_in_blocks_are_unblocked():
+    generated, real = correlated_features(1000, 16, 9, shift=0.2), correlated_features(800, 16, 10)
+    whole = density_coverage(generated, real, 5, chunk=10**6)
+    for chunk in (1, 7, 333):
+        assert density_coverage(generated, real, 5, chunk=chunk) == whole  # the same integer counts
+
+
+def test_density_coverage_by_hand():
+    # real points 0, 1, 3 on a line: k = 1 radii 1, 1, 2; samples at 0.5 (in balls 0, 1), 2.5 (in ball 3 only),
+    # 10 (in none): density = (2 + 1 + 0) / (1 * 3) = 1, coverage = 3 / 3 = 1; without 2.5: (2 + 0) / 2 = 1 and 2/3
+    real = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    assert density_coverage(torch.tensor([[0.5], [2.5], [10.0]], dtype=torch.float64), real, 1) == (1.0, 1.0)
+    density, coverage = density_coverage(torch.tensor([[0.5], [10.0]], dtype=torch.float64), real, 1)
+    assert density == pytest.approx(1.0) and coverage == pytest.approx(2 / 3)

@@ -85,3 +85,15 @@ def test_trajectory_error(gmm2d):
     finer = bench.sample(gmm2d, "heun", nfe=79, n=64, dtype="float64")
     assert 0 < metric("trajectory_error")(context_for(gmm2d, finer.x, x_T=finer.x_T)) < error / 8  # order 2
     assert metric("trajectory_error")(context_for(gmm2d, out.x, x_T=out.x_T, stochastic=True)) is None
+
+
+def test_density_coverage_are_prdcs_on_a_cell(gmm2d):
+    prdc = pytest.importorskip("prdc")
+    samples = bench.sample(gmm2d, "euler", nfe=4, n=400).x  # a coarse solver: not every real ball is reached
+    context = context_for(gmm2d, samples)
+    real = gmm2d.sample_data(400, seed=REFERENCE_DATA_SEED).to(torch.float64)
+    theirs = prdc.compute_prdc(real_features=real.numpy(), fake_features=samples.double().numpy(), nearest_k=5)
+    assert metric("density")(context) == pytest.approx(theirs["density"], rel=1e-12)
+    assert metric("coverage")(context) == pytest.approx(theirs["coverage"], rel=1e-12)
+    real_context = context_for(gmm2d, gmm2d.sample_data(2000, seed=5).float())
+    assert metric("coverage")(real_context) > 0.9 and 0.8 < metric("density")(real_context) < 1.2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import html
 import json
 import math
@@ -12,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.offline
 import pytest
+import torch
 
 from bench import report
 import bench.report.page
@@ -94,6 +97,13 @@ def _figures(text: str) -> dict[str, dict]:
     return {element: json.loads(spec) for element, spec in blocks}
 
 
+def _values(array) -> list[float]:
+    """A figure's data array as plotly's JSON holds it: a list, or a typed array in base64."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
 def _trace_names(text: str) -> set[str]:
     """Legend names of every trace in the figures' JSON."""
     return {trace["name"] for figure in _figures(text).values() for trace in figure["data"] if "name" in trace}
@@ -115,9 +125,9 @@ def test_no_external_references(page):
 def test_one_plot_div_per_expected_figure(page):
     expected = {
         0: ["trajectory_error-vs-nfe", "frechet_exact-vs-nfe", "recall-vs-nfe", "precision-vs-nfe",
-            "seconds-vs-nfe", "pareto", "precision-recall"],            # gmm2d: no FID
+            "seconds-vs-nfe", "trilemma", "precision-recall"],          # gmm2d: no FID
         1: ["fid-vs-nfe", "trajectory_error-vs-nfe", "recall-vs-nfe", "precision-vs-nfe", "my_score-vs-nfe",
-            "seconds-vs-nfe", "pareto", "precision-recall"],             # tiny-cifar: no exact Fréchet; a plugin's
+            "seconds-vs-nfe", "trilemma", "precision-recall"],           # tiny-cifar: no exact Fréchet; a plugin's
     }                                                                    # own metric gets its figure
     ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', page)
     # the figure's position ends its id (slugs of two metric names may coincide)
@@ -268,3 +278,71 @@ def test_titles_and_scales_come_from_the_metrics_metadata(tmp_path):
     assert "Edge &lt;b&gt;sharpness&lt;/b&gt;" in [layout["yaxis"]["title"]["text"] for layout in layouts]
     assert "<b>" not in json.dumps(layouts)
     assert "higher is better" in text
+
+
+def test_the_best_table_ranks_by_every_metric_in_its_own_direction(tmp_path):
+    # at budget 5, a has the lower FID and b the higher recall; at 10 the other way round
+    values = {("a", 5): (1.0, 0.2), ("b", 5): (2.0, 0.6), ("a", 10): (0.9, 0.9), ("b", 10): (0.5, 0.3)}
+    rows = [_cell("m", label, budget, seed, fid=fid * (1 + 0.1 * seed), recall=recall)
+            for (label, budget), (fid, recall) in values.items() for seed in (0, 1)]
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = {"fid": METRIC_INFO["fid"], "recall": METRIC_INFO["recall"]}
+    text = write_report(frame, tmp_path / "r.html", title="t").read_text(encoding="utf-8")
+    table = text[text.index("Best solver per NFE budget"):text.index("All cells")]
+    assert "<th>best by FID</th>" in table and "<th>best by recall</th>" in table
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\w+)</td><td>([^<]+)</td><td>(\w+)</td><td>([^<]+)</td></tr>", table)
+    fid_ci = 12.706204736174704 * 0.1 / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1) * std / sqrt(2), std = 0.1 / sqrt 2
+    assert rows == [("5", "a", f"1.05 ± {fid_ci:.2g}", "b", "0.6 ± 0"),
+                    ("10", "b", f"0.525 ± {fid_ci * 0.5:.2g}", "a", "0.9 ± 0")]
+
+
+def test_nfe_axes_are_ticked_at_the_budgets_swept(page):
+    from bench.report.figures import nfe_ticks
+
+    assert nfe_ticks([30, 40, 50, 40.0]) == [30, 40, 50]
+    many = nfe_ticks(list(range(1, 101)))
+    assert len(many) <= 12 and many[0] == 1 and many[-1] == 100
+    for element, figure in _figures(page).items():
+        if "-vs-nfe-" in element:
+            axis = figure["layout"]["xaxis"]
+            assert axis["tickvals"] == BUDGETS and axis["ticktext"] == ["5", "10", "20"], element
+
+
+def test_the_trilemma_shows_quality_time_and_diversity_at_once(tmp_path):
+    rows = [_cell("m", label, b, 0, fid=f / b, recall=r * b / 20, rounds=float(b // 2))
+            for label, f, r in (("a", 1.0, 0.5), ("b", 2.0, 1.0)) for b in BUDGETS]
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = {"fid": METRIC_INFO["fid"], "recall": METRIC_INFO["recall"]}
+    figures = _figures(write_report(frame, tmp_path / "r.html", title="t").read_text(encoding="utf-8"))
+    trilemma = next(figure for element, figure in figures.items() if element.startswith("fig-0-trilemma-"))
+    assert not any(element.startswith("fig-0-pareto-") for element in figures)  # the trilemma holds the front
+    a, b, front = trilemma["data"]
+    assert _values(a["x"]) == pytest.approx([0.05, 0.1, 0.2]) and _values(a["y"]) == pytest.approx([0.2, 0.1, 0.05])
+    assert a["marker"]["color"] == [0.125, 0.25, 0.5] and b["marker"]["color"] == [0.25, 0.5, 1.0]  # diversity
+    assert a["marker"]["colorbar"]["title"]["text"] == "recall" and (a["marker"]["cmin"], a["marker"]["cmax"]) == (0, 1)
+    assert front["name"] == "Pareto front" and _values(front["y"]) == pytest.approx([0.2, 0.1, 0.05])  # a beats b
+    assert a["text"][0] == "a @ NFE 5<br>FID 0.2<br>recall 0.125<br>rounds 2"
+
+
+def test_every_figure_downloads_as_svg():
+    from bench.report.scripts import DRAW, PLOT_CONFIG
+
+    assert PLOT_CONFIG["toImageButtonOptions"]["format"] == "svg"
+    assert "config.toImageButtonOptions.filename = element;" in DRAW
+
+
+def test_a_2d_model_gets_its_samples_over_the_true_density(gmm2d):
+    from PIL import Image
+
+    from bench.sweep.runner import scatter_png
+
+    assert scatter_png(torch.zeros(4, 1, 8, 8), gmm2d) is None  # images get sample grids instead
+    modes = gmm2d.sample_data(8, seed=1)[:1]  # one sample: a red dot on a dense (blue) region
+    image = np.asarray(Image.open(io.BytesIO(scatter_png(modes, gmm2d, pixels=100))).convert("RGB")).astype(int)
+    red = np.argwhere((image[..., 0] > 200) & (image[..., 1] < 60))
+    assert 1 <= len(red) <= 4  # one 2 x 2 dot
+    assert tuple(image[50, 50]) == (255, 255, 255)  # the ring's empty centre
+    assert image[..., 2].min() < 230 and (image[..., 0] < 100).sum() > 50  # blue where the modes are
+    far = np.asarray(Image.open(io.BytesIO(scatter_png(torch.tensor([[1e6, 0.0]]), gmm2d, pixels=100))))
+    assert sorted({tuple(p) for p in np.argwhere((far[..., 0] > 200) & (far[..., 1] < 60))}) == [
+        (50, 98), (50, 99), (51, 98), (51, 99)]  # pinned to the right edge; y = 0 is row 49.5, rounded to even

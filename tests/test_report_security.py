@@ -163,7 +163,7 @@ def test_hostile_strings_are_shown_as_text(page):
                  *PROVENANCE, *PROVENANCE.values(), LINK, URL):
         assert html.escape(text) in page, text
     assert f"<th>{html.escape(QUALITY)}</th>" in page and f"<th>{html.escape(UNDECLARED)}</th>" in page
-    assert html.escape(f"Quality {IMAGE} (mean, lower {SCRIPT} is better)") in page  # best table's header
+    assert html.escape(f"Quality {IMAGE} (mean ± 95% CI, lower {SCRIPT} is better)") in page  # best table's header
     assert page.count('<img class="samples" alt="') == len(re.findall(r"<img", page.replace(plotly_bundle(), "")))
 
 

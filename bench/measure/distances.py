@@ -71,3 +71,28 @@ def precision_recall(generated: Tensor, real: Tensor, k: int = 3) -> tuple[float
     precision = coverage(generated, real, kth_neighbour_radii(real, k))
     recall = coverage(real, generated, kth_neighbour_radii(generated, k))
     return precision, recall
+
+
+def density_coverage(generated: Tensor, real: Tensor, k: int = 5, chunk: int = 4096) -> tuple[float, float]:
+    """Naeem et al. (2020)'s density and coverage, in blocks of ``chunk`` generated points on their device.
+
+    With r_i the distance from real point X_i to its k-th nearest other real point, and M generated points Y_j:
+
+        density  = 1 / (k M) * sum_j #{i : |Y_j - X_i| < r_i}     (how many real balls hold a sample, on average)
+        coverage = 1 / N     * #{i : some |Y_j - X_i| < r_i}       (the share of real balls that hold a sample)
+
+    Unlike precision and recall, only the real points' radii are used, so outliers among the samples cannot inflate
+    either. The balls are open, as in the authors' prdc package (tests/test_distances.py checks both against it).
+    No [M, N] distance matrix is ever held: each block of samples adds its counts to the density's sum and ORs
+    its hits into the coverage mask.
+    """
+    real = real.to(generated.device, generated.dtype)
+    radii = kth_neighbour_radii(real, k, chunk)
+    hits = torch.zeros((), dtype=torch.float64, device=generated.device)
+    covered = torch.zeros(len(real), dtype=torch.bool, device=generated.device)
+    for rows in generated.split(chunk):
+        inside = torch.cdist(rows, real) < radii  # [block, N]: sample j in real ball i
+        hits += inside.sum(dtype=torch.float64)
+        covered |= inside.any(dim=0)
+    density = hits / (k * len(generated))
+    return density.item(), covered.to(torch.float64).mean().item()

@@ -108,16 +108,39 @@ class MetricContext:
 
         return self.shared.get("features|" + self.reference_key, draw, persist=True)
 
+    def features_in(self, space: FeatureSpace) -> Tensor:
+        """The samples in another feature space than the model's (DINOv2's for FD-DINOv2), once per cell."""
+        return self.memo(f"features|{space.name}", lambda: space(self.samples))
+
+    def reference_features_in(self, space: FeatureSpace) -> Tensor:
+        """The real data of ``reference_features`` in ``space``, cached under a key that names the space."""
+        n = len(self.samples)
+
+        def draw() -> Tensor:
+            labels = self.labels.cpu() if self.labels is not None else None
+            return space(self.model.sample_data(n, seed=REFERENCE_DATA_SEED, labels=labels))
+
+        if not hasattr(self.model, "sample_data"):
+            raise BenchError(f"model {self.model_id} provides no real data (sample_data); a distance to the data "
+                             "needs it")
+        return self.shared.get("features|" + self.reference_key_in(space), draw, persist=True)
+
+    def reference_key_in(self, space: FeatureSpace) -> str:
+        """``reference_key`` for the real data in ``space``."""
+        return f"{self.model_id}|{space.name}|{len(self.samples)}|{_digest(self.labels)}|{REFERENCE_DATA_SEED}"
+
     def reference_solution(self) -> Tensor:
         return self.references.get(self.model, self.model_id, self.x_T, self.labels)
 
 
 class SharedCache:
     """Across cells: real-data features and their statistics, by a key naming the data, the feature space, N and
-    the labels. With a directory, features also persist across runs as safetensors named by the key's hash."""
+    the labels. With a directory, features also persist across runs as safetensors named by the key's hash.
+    ``settings`` are the run's own (the suite's ``dinov2_weights_path``), for metrics to read."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, settings: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        self.settings = dict(settings or {})
         self._items: dict[str, Any] = {}
 
     def get(self, key: str, compute: Callable[[], Any], *, persist: bool = False) -> Any:

@@ -1,4 +1,4 @@
-"""The report's data: rows shaped into series (one config but for its seeds and budgets), means and spreads
+"""The report's data: rows shaped into series (one config but for its seeds and budgets), means and 95% t-intervals
 over seeds, the best series per budget, and the Pareto front. Which columns are the row's own comes from
 bench.sweep.schema; what each metric is (title, direction, scale, trilemma axis) from its registration, kept in
 the store beside the rows (read_results puts it in ``frame.attrs["metrics"]``).
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from bench.sweep.schema import NAMES
 
@@ -72,7 +73,7 @@ def best_per_budget(cells: pd.DataFrame, metric: str, infos: Mapping[str, Metric
     own direction (its ``better``; default lower).
 
     ``cells`` are the rows of one model; failed cells are ignored. Columns of the answer: nfe_budget, label,
-    schedule, series, value, nfe (mean counted NFE), seeds.
+    schedule, series, value, ci (the 95% t-interval's half width; NaN for one seed), nfe (mean counted NFE), seeds.
     """
     infos = metric_infos(cells) if infos is None else infos
     ascending = infos[metric].ascending if metric in infos else True
@@ -80,8 +81,8 @@ def best_per_budget(cells: pd.DataFrame, metric: str, infos: Mapping[str, Metric
     agg = agg.dropna(subset=[metric]).sort_values(["nfe_budget", metric, "series"], kind="stable",
                                                    ascending=[True, ascending, True])
     best = agg.groupby("nfe_budget", sort=True).head(1)
-    return best.rename(columns={metric: "value"})[
-        ["nfe_budget", "label", "schedule", "series", "value", "nfe", "seeds"]].reset_index(drop=True)
+    return best.rename(columns={metric: "value", f"{metric}_ci": "ci"})[
+        ["nfe_budget", "label", "schedule", "series", "value", "ci", "nfe", "seeds"]].reset_index(drop=True)
 
 
 def normalize(results: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> pd.DataFrame:
@@ -141,16 +142,34 @@ def series_config(text: object) -> dict:
     return {key: value for key, value in config.items() if key not in NOT_SERIES}
 
 
+CONFIDENCE = 0.95
+
+
+def t_half_width(std: pd.Series | np.ndarray, count: pd.Series | np.ndarray,
+                 confidence: float = CONFIDENCE) -> np.ndarray:
+    """Half the width of Student's t confidence interval for a mean of ``count`` seeds with sample standard
+    deviation ``std``: t_{(1 + confidence) / 2, count - 1} * std / sqrt(count). NaN for fewer than 2 seeds: one
+    seed says nothing about the spread, and no interval is shown."""
+    std, count = np.asarray(std, dtype=float), np.asarray(count, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quantile = scipy.stats.t.ppf((1 + confidence) / 2, np.where(count >= 2, count - 1, np.nan))
+        return np.where(count >= 2, quantile * std / np.sqrt(count), np.nan)
+
+
 def aggregate(finished: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFrame:
-    """Mean and std over seeds per (series, nfe_budget); x of a point is the mean counted NFE."""
+    """Mean, std and the 95% t-interval's half width (``_std``, ``_ci``) over seeds per (series, nfe_budget); x of a
+    point is the mean counted NFE. Each column's interval counts the seeds that have a value of it."""
     columns = list(dict.fromkeys(value_columns))
     keys = ["series", "label", "schedule", "guidance_key", "nfe_budget", "tolerance"]
     if finished.empty:
-        return pd.DataFrame(columns=[*keys, "nfe", "seeds", *columns, *(f"{c}_std" for c in columns)])
+        return pd.DataFrame(columns=[*keys, "nfe", "seeds", *columns, *(f"{c}_std" for c in columns),
+                                     *(f"{c}_ci" for c in columns)])
     groups = finished.groupby(keys, sort=True, dropna=False)
     mean = groups[["nfe", *columns]].mean()
-    std = groups[columns].std(ddof=1).add_suffix("_std")  # NaN for a single seed: no error bar
+    std = groups[columns].std(ddof=1)  # NaN for a single seed
+    counts = groups[columns].count()
+    ci = pd.DataFrame(t_half_width(std, counts), index=std.index, columns=columns).add_suffix("_ci")
     seeds = groups.size().rename("seeds")
-    return pd.concat([mean, std, seeds], axis=1).reset_index()
+    return pd.concat([mean, std.add_suffix("_std"), ci, seeds], axis=1).reset_index()
 
 

@@ -52,10 +52,11 @@ def styles_for(agg: pd.DataFrame) -> dict[str, Style]:
 
 
 def _error_bars(points: pd.DataFrame, column: str) -> dict | None:
-    std = points.get(f"{column}_std")
-    if std is None or not std.notna().any():
+    """The 95% t-interval over seeds (bench.report.data.aggregate); a point of one seed has none."""
+    ci = points.get(f"{column}_ci")
+    if ci is None or not ci.notna().any():
         return None
-    return {"type": "data", "array": std.fillna(0).tolist(), "visible": True, "thickness": 1}
+    return {"type": "data", "array": ci.fillna(0).tolist(), "visible": True, "thickness": 1}
 
 
 def _new_figure(title: str, x_title: str, y_title: str, *, log_x: bool, log_y: bool) -> go.Figure:
@@ -87,10 +88,31 @@ def _series_traces(fig: go.Figure, agg: pd.DataFrame, styles: dict[str, Style], 
     return fig
 
 
+MAX_TICKS = 12
+
+
+def nfe_ticks(budgets: Sequence[float]) -> list[int]:
+    """Ticks of an NFE axis at the budgets swept (a log axis of its own ticks "3 4 5 ... 10 2 3 4 5" for 30-50);
+    of more than MAX_TICKS, ones evenly spaced in log NFE, the smallest and largest always among them."""
+    values = sorted({int(b) for b in budgets if np.isfinite(b) and b > 0})
+    if len(values) <= MAX_TICKS:
+        return values
+    logs = np.log(values)
+    targets = np.linspace(logs[0], logs[-1], MAX_TICKS)
+    return sorted({values[int(np.abs(logs - target).argmin())] for target in targets})
+
+
+def _tick_nfe(fig: go.Figure, agg: pd.DataFrame) -> go.Figure:
+    ticks = nfe_ticks(agg["nfe_budget"].dropna().tolist()) or nfe_ticks(agg["nfe"].dropna().round().tolist())
+    if ticks:
+        fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[str(t) for t in ticks], minor={"ticks": ""})
+    return fig
+
+
 def _vs_nfe(agg: pd.DataFrame, styles: dict[str, Style], metric: str, y_title: str, *,
             log_y: bool) -> go.Figure:
     fig = _new_figure(f"{y_title} vs counted NFE", "counted NFE", y_title, log_x=True, log_y=log_y)
-    return _series_traces(fig, agg, styles, "nfe", metric)
+    return _tick_nfe(_series_traces(fig, agg, styles, "nfe", metric), agg)
 
 
 def _pareto_figure(agg: pd.DataFrame, styles: dict[str, Style], info: MetricInfo) -> go.Figure:
@@ -122,12 +144,51 @@ def parallel_present(agg: pd.DataFrame) -> bool:
     return has(agg, "rounds") and bool((agg["rounds"] < agg["nfe"] - 1e-9).any())
 
 
+# per-cell costs beyond wall-clock, shown on the trilemma's hover where a store has them: a parallel sampler's
+# sequential rounds, a learned sampler's fitting cost
+HOVER_COSTS = {"rounds": "rounds", "fit_seconds": "fitting s", "fit_nfe": "fitting NFE"}
+
+
+def _trilemma(agg: pd.DataFrame, styles: dict[str, Style], quality: MetricInfo, diversity: MetricInfo) -> go.Figure:
+    """The three axes at once: quality against wall-clock, diversity as each point's colour, the Pareto front of
+    quality and time marked; every (series, budget) a point, its marker the series' symbol."""
+    fig = _new_figure(f"{quality.title} vs wall-clock, coloured by {diversity.title}", SECONDS_TITLE, quality.title,
+                      log_x=True, log_y=quality.log_scale)
+    points = agg.dropna(subset=["seconds", quality.name]).reset_index(drop=True)
+    low, high = (0.0, 1.0) if points[diversity.name].dropna().between(0, 1).all() else (None, None)
+    costs = [column for column in HOVER_COSTS if has(points, column)]
+    for position, (series, group) in enumerate(points.groupby("series", sort=True)):
+        style = styles[series]
+        hover = []
+        for _, row in group.iterrows():  # metric names are any text, not attribute names
+            parts = [f"{series} @ NFE {row['nfe']:g}", f"{quality.title} {row[quality.name]:.4g}",
+                     f"{diversity.title} {row[diversity.name]:.3g}"]
+            parts += [f"{HOVER_COSTS[c]} {row[c]:.4g}" for c in costs if pd.notna(row[c])]
+            hover.append("<br>".join(plot_text(part) for part in parts))
+        fig.add_trace(go.Scatter(
+            x=group["seconds"], y=group[quality.name], mode="markers", name=plot_text(series),
+            marker={"color": group[diversity.name].tolist(), "colorscale": "Viridis", "cmin": low, "cmax": high,
+                    "symbol": SYMBOLS[position % len(SYMBOLS)], "size": 11,
+                    "line": {"color": style.color, "width": 2}, "showscale": position == 0,
+                    "colorbar": {"title": {"text": plot_text(diversity.title)}}},
+            text=hover, hovertemplate="%{text}<br>%{x:.3g} s<extra></extra>"))
+    values = points[quality.name] if quality.ascending else -points[quality.name]
+    front = points.iloc[pareto_front(points["seconds"], values)]
+    if not front.empty:
+        fig.add_trace(go.Scatter(
+            x=front["seconds"], y=front[quality.name], mode="lines", name="Pareto front", line_shape="hv",
+            line={"color": "black", "width": 1.5, "dash": "dot"}, hoverinfo="skip"))
+    fig.update_layout(legend={"x": 1.18})
+    return fig
+
+
 def _fidelity_diversity(agg: pd.DataFrame, styles: dict[str, Style], fidelity: MetricInfo,
                         diversity: MetricInfo) -> go.Figure:
     fig = _new_figure(f"{fidelity.title} vs {diversity.title}", diversity.title, fidelity.title, log_x=False,
                       log_y=False)
-    fig.update_xaxes(range=[-0.02, 1.02])
-    fig.update_yaxes(range=[-0.02, 1.02])
+    for info, update in ((diversity, fig.update_xaxes), (fidelity, fig.update_yaxes)):
+        if agg[info.name].dropna().between(0, 1).all():  # a share (not density, which can pass 1): the unit range
+            update(range=[-0.02, 1.02])
     return _series_traces(fig, agg, styles, diversity.name, fidelity.name, mode="markers", error_bars=False)
 
 
@@ -182,14 +243,18 @@ def figures(agg: pd.DataFrame, done: pd.DataFrame, styles: dict[str, Style],
     quality, fidelity, diversity = headline(infos, agg), headline(infos, agg, "fidelity"), headline(infos, agg,
                                                                                                      "diversity")
     if quality and has(agg, "seconds"):
-        result.append(("pareto", _pareto_figure(agg, styles, quality)))
+        if diversity:  # the trilemma: its Pareto front, with diversity as the points' colour
+            result.append(("trilemma", _trilemma(agg, styles, quality, diversity)))
+        else:
+            result.append(("pareto", _pareto_figure(agg, styles, quality)))
     if quality and parallel_present(agg):
         result.append((f"{quality.name}-vs-rounds", _vs_depth(agg, styles, quality, "rounds",
                                                                "rounds (model calls one after another)")))
         if has(agg, "seconds"):
             result.append((f"{quality.name}-vs-seconds", _vs_depth(agg, styles, quality, "seconds", SECONDS_TITLE)))
-    if fidelity and diversity:
-        result.append(("precision-recall", _fidelity_diversity(agg, styles, fidelity, diversity)))
+    # each fidelity metric against its diversity twin, in the store's order (precision-recall, density-coverage)
+    pairs = zip((i for i in present if i.axis == "fidelity"), (i for i in present if i.axis == "diversity"))
+    result += [(f"{f.name}-{d.name}", _fidelity_diversity(agg, styles, f, d)) for f, d in pairs]
     if done["guidance"].dropna().nunique() > 1:
         if fidelity and diversity:
             result.append(("precision-recall-guidance", _fidelity_diversity_by_guidance(agg, fidelity, diversity)))

@@ -26,7 +26,7 @@ import pandas as pd
 from bench.report.data import (MetricInfo, aggregate, best_per_budget, done, has, metric_infos, normalize,
                                with_series)
 from bench.report.escape import element_id, html_text, raw_text
-from bench.report.figures import figures, headline, styles_for
+from bench.report.figures import HOVER_COSTS, figures, headline, styles_for
 from bench.report.scripts import (DRAW, PLOTLY_RUNTIME_STYLE, content_security_policy, figure_element,
                                   plotly_bundle, policy_meta, script_element)
 
@@ -64,6 +64,13 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def mean_and_interval(mean: float, half_width: float) -> str:
+    """"m ± h" with h the confidence interval's half width, or "m (1 seed)" where there is no interval."""
+    if pd.isna(mean):
+        return "–"
+    return f"{_fmt(mean)} (1 seed)" if pd.isna(half_width) else f"{_fmt(mean)} ± {half_width:.2g}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]],
            row_classes: Sequence[str] | None = None) -> str:
     """A plain HTML table; every cell and header is escaped."""
@@ -77,13 +84,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]],
 
 
 def _best_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
-    info = headline(infos, done(cells))
-    if info is None:
-        return "<p>No quality metric was computed for this model.</p>"
-    best = best_per_budget(cells, info.name, infos)
-    rows = [[r.nfe_budget, r.label, r.schedule, r.value, r.nfe, r.seeds] for r in best.itertuples()]
-    header = ["NFE budget", "best label", "schedule", f"{info.title} (mean, {info.better} is better)",
-              "counted NFE", "seeds"]
+    """Per NFE budget, the best series by each metric in its own direction (bench.report.data.best_per_budget):
+    the headline quality metric first, then the others in the store's order."""
+    finished = done(cells)
+    first = headline(infos, finished)
+    ranked = [info for info in infos.values() if has(finished, info.name) and finished["nfe_budget"].notna().any()]
+    if first is None and not ranked:
+        return "<p>No metric was computed for this model.</p>"
+    ranked.sort(key=lambda info: info is not first)  # stable: the headline first, the rest in order
+    best = {info.name: {row.nfe_budget: row for row in best_per_budget(cells, info.name, infos).itertuples()}
+            for info in ranked}
+    budgets = sorted({budget for by_budget in best.values() for budget in by_budget})
+    header = ["NFE budget"]
+    for info in ranked:
+        header += [f"best by {info.title}", f"{info.title} (mean ± 95% CI, {info.better} is better)"]
+    rows = []
+    for budget in budgets:
+        row: list[object] = [budget]
+        for info in ranked:
+            winner = best[info.name].get(budget)
+            row += [winner.series, mean_and_interval(winner.value, winner.ci)] if winner else [None, None]
+        rows.append(row)
     return _table(header, rows)
 
 
@@ -208,7 +229,8 @@ def _notes(frame: pd.DataFrame, provenance: Mapping[str, str]) -> str:
     feature_space = next((provenance[k] for k in ("feature_space", "feature space") if k in provenance), None)
     if feature_space:
         parts.append(f"FID / precision / recall features: {feature_space}.")
-    parts.append("Lines show the mean over seeds (error bars: std across seeds); failed cells are not plotted.")
+    parts.append("Lines show the mean over seeds (error bars: the 95% Student t confidence interval of the mean; "
+                 "none where a point has one seed); failed cells are not plotted.")
     return f'<p class="note">{html_text(" ".join(parts))}</p>'
 
 
@@ -243,14 +265,15 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[s
     if finished.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
-        agg = aggregate(finished, ["seconds", *(["rounds"] if "rounds" in finished else []), *infos])
+        costs = [column for column in HOVER_COSTS if column in finished.columns]
+        agg = aggregate(finished, ["seconds", *costs, *infos])
         styles = styles_for(agg)
         # the position ends the id: slugs of two metric names may coincide
         divs = "".join(f"<div>{figure_element(fig, element_id('fig', index, name, position))}</div>"
                        for position, (name, fig) in enumerate(figures(agg, finished, styles, infos)))
         parts.append(f'<div class="figures">{divs}</div>')
     parts.append(_sample_gallery(finished, sample_grids))
-    parts.append(f"<h3>Best solver per NFE budget</h3>{_best_table(cells, infos)}")
+    parts.append(f"<h3>Best solver per NFE budget, by each metric</h3>{_best_table(cells, infos)}")
     parts.append(f"<h3>All cells</h3>{_cells_table(cells, infos)}</section>")
     return "".join(parts)
 

@@ -28,14 +28,17 @@ import plotly.offline
 
 from bench.report.escape import html_text, raw_text, script_json
 
-PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+# the mode bar's camera downloads the figure as SVG (vector, for papers), named after its element; it works offline
+PLOT_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "svg", "scale": 1}}
 # plotly's run-time style element starts empty; CSSOM rules added to it later are not subject to the policy
 PLOTLY_RUNTIME_STYLE = ""
 DRAW = raw_text(f"""
 // Draw every figure: each JSON data block holds a figure, its data-figure attribute the id of the element to draw in.
 document.querySelectorAll('script[type="application/json"][data-figure]').forEach(function (spec) {{
-  var figure = JSON.parse(spec.textContent);
-  Plotly.newPlot(spec.getAttribute("data-figure"), figure.data, figure.layout, {json.dumps(PLOT_CONFIG)});
+  var figure = JSON.parse(spec.textContent), element = spec.getAttribute("data-figure");
+  var config = {json.dumps(PLOT_CONFIG)};
+  config.toImageButtonOptions.filename = element;
+  Plotly.newPlot(element, figure.data, figure.layout, config);
 }});
 """)
 

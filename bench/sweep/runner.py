@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.core.sampling import SampleOutput, get_solver, load_model, make_sigmas
+from bench.core.sampling import SampleOutput, get_solver, load_model, make_sigmas, model_device
 from bench.errors import BenchError, unknown_name
 from bench.measure.features import FeatureSpace, feature_space_for, to_uint8
 from bench.measure.metrics import MetricContext, SharedCache, model_id
@@ -136,7 +136,7 @@ def measure(cell: Cell, model, shards: list[SampleOutput], references: Reference
     return {"nfe": nfe, "rounds": rounds, "model_evals": model_evals, "steps": shards[0].plan.steps,
             "seconds": sum(shard.seconds for shard in shards), "metrics": metrics, "metric_errors": metric_errors,
             "batch_size": min(shard.batch_size for shard in shards), "peak_memory_bytes": max(peaks) if peaks else None,
-            "grid_png": sample_grid_png(x) if x.dim() == 4 else None}
+            "grid_png": sample_grid_png(x) if x.dim() == 4 else scatter_png(x, model)}
 
 
 def metric_value(name: str, value: Any) -> float | None:
@@ -160,6 +160,37 @@ def sample_grid_png(x: torch.Tensor, count: int = 64) -> bytes:
     grid = make_grid(images, nrow=int(len(images) ** 0.5 + 0.999), padding=1, pad_value=255)
     buffer = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scatter_png(x: torch.Tensor, model, count: int = 1000,
+                pixels: int = 240) -> bytes | None:
+    """For a 2-D model that knows its density (``log_density``): the first samples of a cell as red dots over the
+    true density at sigma_min (white to blue), so a missed or smeared mode shows at a glance. The window is the
+    data's (every cell of a model on the same axes); samples beyond it are pinned to its edge. None otherwise."""
+    if x.dim() != 2 or x.shape[1] != 2 or not hasattr(model, "log_density") or not hasattr(model, "sample_data"):
+        return None
+    from PIL import Image
+
+    points = x[:count].detach().to("cpu", torch.float64)
+    extent = model.sample_data(4096, seed=0).to(torch.float64).abs().quantile(0.999).item() * 1.3
+    axis = torch.linspace(-extent, extent, pixels, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)  # y up
+    with torch.inference_mode():
+        log_p = model.log_density(grid.to(model_device(model)), float(model.sigma_min)).to("cpu", torch.float64)
+    shade = (log_p - log_p.max()).exp().sqrt().reshape(pixels, pixels)  # sqrt: the tails stay visible
+    white, blue = torch.tensor([255.0, 255.0, 255.0]), torch.tensor([40.0, 90.0, 200.0])
+    image = (white + shade[..., None] * (blue - white)).round().to(torch.uint8)
+
+    def to_pixel(value: torch.Tensor) -> torch.Tensor:  # -extent .. extent -> 0 .. pixels - 2 (a dot is 2 wide)
+        return ((value + extent) / (2 * extent) * (pixels - 1)).round().long().clamp(0, pixels - 2)
+
+    columns, rows = to_pixel(points[:, 0].nan_to_num(0.0)), to_pixel(-points[:, 1].nan_to_num(0.0))  # y up
+    for dr in (0, 1):  # 2 x 2 pixel dots
+        for dc in (0, 1):
+            image[rows + dr, columns + dc] = torch.tensor([220, 30, 30], dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image.numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -231,7 +262,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
     path = store_path(suite, out_dir)
     remove_stale_temporaries(out_dir / "cache")
     references = ReferenceCache(out_dir / "cache")
-    shared = SharedCache(out_dir / "cache")
+    shared = SharedCache(out_dir / "cache", settings={"dinov2_weights_path": suite.dinov2_weights_path})
     environments: dict[str, dict[str, Any]] = {}
     claimant = new_claimant()
     done = failed = skipped = 0

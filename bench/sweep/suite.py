@@ -13,6 +13,7 @@
     labels = "none"              # the default: unconditional samples; "balanced": sample i gets class i mod C
                                  # (conditional models only; guidance needs it)
     feature_extractor_weights_path = "..."   # Inception weights, for 3xHxW models without a feature space
+    dinov2_weights_path = "..."  # DINOv2 ViT weights for fd_dinov2 (default: SAMPLERBENCH_DINOV2_WEIGHTS)
     precision = ["fp32", "bf16"]  # the network's arithmetic: fp32, tf32, bf16, fp16 (a list is an axis)
     cuda_graph = true            # capture fixed-step solvers' loops as CUDA graphs (cuda only)
     cell_timeout = 600           # seconds a cell may take before it is stopped and recorded as failed
@@ -63,7 +64,7 @@ from bench.sweep.validate import Limits
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
               "guidance", "guidance_type", "labels", "models", "solvers", "feature_extractor_weights_path",
-              "precision", "cuda_graph", "limits", "cell_timeout"}
+              "dinov2_weights_path", "precision", "cuda_graph", "limits", "cell_timeout"}
 SOLVER_AXIS_KEYS = {"name", "label", "nfe", "schedules", "tolerances"}
 
 
@@ -74,6 +75,7 @@ class Suite:
     cells: list[Cell]
     description: str = ""
     feature_extractor_weights_path: str | None = None
+    dinov2_weights_path: str | None = None
     cell_timeout: float | None = None  # seconds; None: bench.sweep.timeouts.DEFAULT_CELL_TIMEOUT
 
 
@@ -141,6 +143,7 @@ def parse_suite(data: dict[str, Any], *, default_name: str | None = "suite", dev
     if cuda_graph and not device.startswith("cuda"):
         raise BenchError(f"cuda_graph = true needs device = \"cuda\"; got {device!r}")
     weights_path = _weights_path(data.get("feature_extractor_weights_path"))
+    dinov2_path = _weights_path(data.get("dinov2_weights_path"), "dinov2_weights_path")
     cell_timeout = (check.number(data["cell_timeout"], "cell_timeout", low=1e-3, high=30 * 24 * 3600.0)
                     if "cell_timeout" in data else None)
     description = check.string(data.get("description", ""), "description")
@@ -176,7 +179,8 @@ def parse_suite(data: dict[str, Any], *, default_name: str | None = "suite", dev
                                           guidance_type, precision, cuda_graph and not entry.adaptive, code))
     _no_cell_twice(cells, plugins)
     return Suite(name=name, path=path, cells=cells, description=description,
-                 feature_extractor_weights_path=weights_path, cell_timeout=cell_timeout)
+                 feature_extractor_weights_path=weights_path, dinov2_weights_path=dinov2_path,
+                 cell_timeout=cell_timeout)
 
 
 def _base_identity(plugins: PluginManager, solver: Component) -> dict[str, Any]:
@@ -217,12 +221,12 @@ def _precisions(value: Any) -> list[str]:
     return precisions
 
 
-def _weights_path(value: Any) -> str | None:
+def _weights_path(value: Any, key: str = "feature_extractor_weights_path") -> str | None:
     if value is None:
         return None
-    path = check.string(value, "feature_extractor_weights_path")
+    path = check.string(value, key)
     if not Path(path).is_file():
-        raise BenchError(f"feature_extractor_weights_path: no file {check.shown(path)} (a relative path is read from "
+        raise BenchError(f"{key}: no file {check.shown(path)} (a relative path is read from "
                          "the directory samplerbench runs in)")
     return path
 
