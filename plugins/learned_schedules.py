@@ -17,7 +17,9 @@ reused only by cells of that solver, options and budget (the fit key says so).
   error there: its step rule from the teacher's state at i, with the denoiser outputs the teacher gives at its
   points, against the teacher's state at j. For a multistep solver the step also reads the estimate at the previous
   chosen point p, so the program runs over pairs (p, i) (its history is cut to two points); solvers whose state is
-  more than x (UniPC) are costed by their first step. No gradients; the teacher's calls are the whole cost.
+  more than x (UniPC) are costed by their first step. The k-th step's cost is weighted by coeff**k (the GITS
+  authors' code sweeps coeff in 0.8..1.2: above 1 it weighs the late steps, whose errors the flow does not damp,
+  more). No gradients; the teacher's calls are the whole cost.
 - ``ays`` (Sabour et al., 2024, "Align Your Steps"): minimises the KLUB, the bound on the KL divergence between the
   true reverse SDE and one whose denoiser is frozen over each step, sum_i int_{sigma_(i+1)}^{sigma_i}
   E ||D(x0 + t eps; t) - D(x0 + sigma_i eps; sigma_i)||^2 / t^3 dt, by iterative refinement: each interior point in
@@ -49,7 +51,7 @@ def ld3(steps: int, model, *, fitted: dict[str, Tensor], fit_seed: int = FIT_SEE
 
 
 def gits(steps: int, model, *, fitted: dict[str, Tensor], fit_seed: int = FIT_SEED, fit_n: int = 100,
-         teacher_steps: int = 64, fine_steps: int = 40) -> Tensor:
+         teacher_steps: int = 64, fine_steps: int = 40, coeff: float = 1.0) -> Tensor:
     """GITS's grid for the cell's base solver and budget (module docstring)."""
     return fitted["sigmas"]
 
@@ -138,6 +140,7 @@ def fit_gits(problem: FitProblem) -> dict[str, Tensor]:
     if fine_steps < steps:
         raise BenchError(f"schedule 'gits': fine_steps ({fine_steps}) must be at least the plan's steps ({steps})")
     fine = make_sigmas("karras", fine_steps + 1, model)[:-1].tolist()  # fine_steps + 1 points, sigma_max..sigma_min
+    fine[0], fine[-1] = model.sigma_max, model.sigma_min  # pinned exactly (karras' ends carry rounding)
     x_T = problem.noise()
     _, states = problem.teacher(x_T, torch.tensor(fine, dtype=torch.float64))
     with torch.no_grad():
@@ -159,7 +162,8 @@ def fit_gits(problem: FitProblem) -> dict[str, Tensor]:
     best = {(0 if pairs else -1, j): value for (_, j), value in best.items()}
     back: list[dict[tuple[int, int], tuple[int, int]]] = []
     memo: dict[tuple[int, ...], float] = {}
-    for _ in range(steps - 2):
+    for level in range(1, steps - 1):
+        weight = problem.options["coeff"] ** level
         nxt: dict[tuple[int, int], float] = {}
         parents: dict[tuple[int, int], tuple[int, int]] = {}
         for (p, i), value in best.items():
@@ -169,7 +173,7 @@ def fit_gits(problem: FitProblem) -> dict[str, Tensor]:
                 if key not in memo:
                     memo[key] = cost(history, j)
                 state = (i if pairs else -1, j)
-                total = value + memo[key]
+                total = value + weight * memo[key]
                 if total < nxt.get(state, inf):
                     nxt[state], parents[state] = total, (p, i)
         best = nxt

@@ -294,3 +294,17 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
         finally:
             bar.close()
     return RunSummary(store=path, done=done, failed=failed, skipped=skipped, busy=len(busy))
+
+
+def fit_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Fit every learned schedule and solver the suite's cells use, once per fit key, into ``out_dir/fits``
+    (what ``run_suite`` does before it samples). Returns fit key -> its manifest entry."""
+    plugins = plugins or manager()
+    try:
+        prepared = prepare(suite, plugins)
+        seeds_of_fits(suite.cells, plugins)
+    except BenchError as error:
+        raise BenchError(f"{suite.path}: {error}" if suite.path else str(error)) from None
+    fits = fit_cells(suite.cells, prepared.models, plugins, FitCache(Path(out_dir) / "fits"), progress=progress)
+    return {fit.entry["key"]: fit.entry for fit in fits.values()}
