@@ -65,6 +65,11 @@ def test_a_fit_is_made_once_and_reused_by_every_cell_and_run_with_its_key(plugin
     assert (rows["fit_seconds"] >= 0).all() and (rows["fit_evaluations"] > 0).all()
     run_suite(first, tmp_path, plugins=plugins, progress=False, rerun=["*"])
     assert len(FITS) == 1  # recomputed cells, but the fit comes from results/fits
+    from bench.cli import main
+
+    assert main(["report", str(summary.store), "-o", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "Fitting cost of learned schedules and solvers" in page and rows["fit_key"][0] in page
     # a changed base solver, solver option, budget or fit option: each its own fit
     for changed in (suite(plugins, [{"name": "dpm-solver++"}]), suite(plugins, [{"name": "ipndm", "order": 2}]),
                     suite(plugins, [{"name": "ipndm", "order": 3}]), suite(plugins, [{"name": "euler"}], nfe=(4,)),
@@ -208,3 +213,23 @@ def test_bns_fits_through_the_contract_and_beats_its_base_on_the_fitting_samples
         bench.sample("gmm2d", "bns", nfe=4, n=4, schedule="logsnr")
     out = bench.sample("gmm2d", "bns", nfe=4, n=4, schedule="logsnr", fitted=fit.tensors, iterations=30, fit_n=32)
     assert out.nfe == 4 and torch.isfinite(out.x).all()
+
+
+def test_samplerbench_fit_fits_a_suite_alone_and_run_reuses_it(tmp_path, capsys):
+    from bench.cli import main
+
+    (tmp_path / "s.toml").write_text(
+        'name = "s"\ndevice = "cpu"\nn = 8\nseeds = [0]\nnfe = [3]\nmetrics = ["trajectory_error"]\n'
+        'schedules = [{ name = "gits", fit_n = 8, teacher_steps = 4, fine_steps = 6 }]\n'
+        '[[models]]\nname = "gmm2d"\n[[solvers]]\nname = "euler"\n')
+    assert main(["fit", str(tmp_path / "s.toml"), "--out", str(tmp_path), "--quiet"]) == 0
+    assert "1 fits in" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "fits" / "manifest.json").read_text())
+    (entry,) = manifest.values()
+    # Heun over karras(4 steps) and the 7 fine points (ends shared: 9 intervals), the last call, D at the fine points
+    assert entry["fitting_samples"] == 8 and entry["teacher"]["nfe"] == 2 * 9 + 1 + 7 and entry["device"] == "cpu"
+    stamp = (tmp_path / "fits" / entry["file"]).stat().st_mtime_ns
+    assert main(["run", str(tmp_path / "s.toml"), "--out", str(tmp_path), "--report", str(tmp_path / "r.html"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "fits" / entry["file"]).stat().st_mtime_ns == stamp  # not refitted
+    assert bench.read_results(tmp_path / "s.sqlite")["fit_key"].tolist() == [entry["key"]]

@@ -11,6 +11,7 @@ budget or code refits. A file whose bytes do not match the manifest's sha256 is 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -120,9 +121,11 @@ class FitCache:
         file = f"{key}.safetensors"
         _write_atomic(self.root / file, data)
         entry = {**entry, "key": key, "file": file, "sha256": hashlib.sha256(data).hexdigest()}
-        manifest = self.manifest()
-        manifest[key] = entry
-        _write_atomic(self.root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, default=str).encode())
+        with open(self.root / f".{MANIFEST}.lock", "w") as lock:  # runs sharing the folder: one writer at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest = self.manifest()
+            manifest[key] = entry
+            _write_atomic(self.root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, default=str).encode())
         return Fit(safetensors.torch.load(data), entry)
 
 
