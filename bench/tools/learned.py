@@ -14,6 +14,7 @@ for every schedule, each learned one's ratio to karras, bns's ratio to its base,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from importlib import resources
@@ -47,6 +48,9 @@ def table(store: Path, metric: str) -> str:
     rows = read_results(store)
     rows = rows[rows["status"] == "done"]
     rows = rows.assign(schedule=rows["schedule"].str.split("(").str[0])  # ld3(fit_n=100, ...) -> ld3
+    bases = [json.loads(config)["solver"]["options"].get("base", "dpm-solver++") if solver == "bns" else None
+             for solver, config in zip(rows["solver"], rows["config"])]
+    rows = rows.assign(label=[f"bns({base})" if base else label for base, label in zip(bases, rows["label"])])
     lines = []
     for model, of_model in rows.groupby("model", sort=False):
         lines.append(f"\n## {model}: {metric} (lower is better), mean over seeds\n")
