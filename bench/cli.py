@@ -1,4 +1,4 @@
-"""The command line: `samplerbench run | list | report | table | check | train`."""
+"""The command line: `samplerbench run | fit | list | report | table | check | train`."""
 
 from __future__ import annotations
 
@@ -156,6 +156,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def command_fit(args: argparse.Namespace) -> int:
+    from bench.sweep.runner import fit_suite
+    from bench.sweep.suite import load_suite
+
+    suite = load_suite(args.suite, device=args.device)
+    entries = fit_suite(suite, args.out, progress=not args.quiet)
+    print(f"{len(entries)} fits in {Path(args.out) / 'fits'}:")
+    for key, entry in entries.items():
+        config = entry["config"]
+        learned = config[config["learned"]]["name"]
+        base = config["solver"]["name"] if config["learned"] == "schedule" else config["schedule"]["name"]
+        print(f"  {key}  {learned:<6} {base:<14} nfe={config['nfe']:<3} {config['model']['name']:<10} "
+              f"{entry['seconds']:8.2f} s  teacher NFE {entry['teacher']['nfe']} x {entry['fitting_samples']} "
+              f"samples, {entry['evaluations']} evaluations, {entry['device']}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="samplerbench", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -186,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
         limits.add_argument(flag, dest=f"limit_{name}", type=_positive, metavar="N",
                             help=f"{meaning[name]} (default: {getattr(Limits(), name):,})")
     run.set_defaults(handler=command_run)
+    fitting = commands.add_parser("fit", help="fit the learned schedules and solvers of a suite (as `run` does first)")
+    fitting.add_argument("suite", help="suite TOML file")
+    fitting.add_argument("--device", choices=["cpu", "cuda"], help="override the suite's device")
+    fitting.add_argument("--out", default="results", help="results directory; fits go to OUT/fits (default: results/)")
+    fitting.add_argument("--quiet", action="store_true", help="no progress lines")
+    fitting.set_defaults(handler=command_fit)
     listing = commands.add_parser("list", help="plugins and what each registered")
     listing.set_defaults(handler=command_list)
     report = commands.add_parser("report", help="write the HTML report of a results store")

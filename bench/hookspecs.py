@@ -9,6 +9,12 @@ Each hook receives a ``register`` callback and calls it once per thing it provid
         register(MySolver, name="my-solver", aliases=("mine",))
 
 Built-in plugins are loaded through the same entry-point group ("samplerbench") as third-party packages.
+
+A learned schedule or solver is registered like any other, with its fit beside it: ``register(fn, name="ld3",
+fit=fitter)``. ``fitter(problem)`` (bench.core.fitting.FitProblem) returns named tensors; the harness fits once per
+key, stores the result in results/fits/ and hands it back as ``fitted``: to a schedule as ``fn(steps, model,
+fitted=..., **options)`` (its grid is ``fitted["sigmas"]``), to a solver as ``solver.use_fit(fitted)``. A learned
+thing declares the options ``fit_seed``, ``fit_n`` and ``teacher_steps``.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ hookimpl = pluggy.HookimplMarker("samplerbench")
 
 @hookspec
 def register_solvers(register):
-    """Register solver classes: ``register(cls, name=..., aliases=())``. ``cls(**options)`` builds one."""
+    """Register solver classes: ``register(cls, name=..., aliases=(), fit=None)``. ``cls(**options)`` builds one;
+    with a ``fit``, it is learned (module docstring)."""
 
 
 @hookspec
 def register_schedules(register):
-    """Register sigma schedules: ``register(fn, name=..., aliases=())``; ``fn(steps, model, **options)``."""
+    """Register sigma schedules: ``register(fn, name=..., aliases=(), fit=None)``; ``fn(steps, model, **options)``;
+    with a ``fit``, it is learned (module docstring)."""
 
 
 @hookspec

@@ -97,15 +97,19 @@ class GaussianMixture(nn.Module):
         """The parameters in the compute dtype, cast once per (dtype, device) rather than on every call."""
         key = (dtype, device)
         if key not in self._cast:
-            cast = dict(dtype=dtype, device=device)
-            # derived in float64, then cast: the projections of the means keep their precision
-            Q_stacked = self.Q.transpose(1, 2).reshape(-1, self.feature_dim)
-            mu_projected = torch.einsum("kdr,kd->kr", self.Q, self.mu)
-            self._cast[key] = _Parameters(self.weights.log().to(**cast), self.mu.to(**cast), self.Q.to(**cast),
-                                          self.lambdas.to(**cast), self.c.to(**cast),
-                                          self.component_class.to(device=device), Q_stacked.to(**cast),
-                                          mu_projected.to(**cast), self.mu.square().sum(-1).to(**cast))
+            with torch.inference_mode(False):  # made while sampling, used by fits too: no inference tensors
+                self._cast[key] = self._cast_parameters(dtype, device)
         return self._cast[key]
+
+    def _cast_parameters(self, dtype: torch.dtype, device: torch.device) -> _Parameters:
+        cast = dict(dtype=dtype, device=device)
+        # derived in float64, then cast: the projections of the means keep their precision
+        Q_stacked = self.Q.transpose(1, 2).reshape(-1, self.feature_dim)
+        mu_projected = torch.einsum("kdr,kd->kr", self.Q, self.mu)
+        return _Parameters(self.weights.log().to(**cast), self.mu.to(**cast), self.Q.to(**cast),
+                           self.lambdas.to(**cast), self.c.to(**cast),
+                           self.component_class.to(device=device), Q_stacked.to(**cast),
+                           mu_projected.to(**cast), self.mu.square().sum(-1).to(**cast))
 
     # ----------------------------------------------------------------------------------------- the denoiser
 

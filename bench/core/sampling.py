@@ -70,9 +70,16 @@ def get_solver(name: str, plugins: PluginManager | None = None, **options: Any) 
 
 
 def make_sigmas(schedule: str, steps: int, model: Denoiser, plugins: PluginManager | None = None,
-                **options: Any) -> Tensor:
-    """The schedule's grid, checked: steps + 1 decreasing float64 sigmas from sigma_max ending with 0."""
-    fn = (plugins or manager()).get("schedule", schedule).obj
+                fitted: dict[str, Tensor] | None = None, **options: Any) -> Tensor:
+    """The schedule's grid, checked: steps + 1 decreasing float64 sigmas from sigma_max ending with 0. A learned
+    schedule (registered with a ``fit``) reads its grid from ``fitted``, the tensors its fit stored."""
+    registration = (plugins or manager()).get("schedule", schedule)
+    fn = registration.obj
+    if "fit" in registration.extras:
+        if fitted is None:
+            raise BenchError(f"schedule {schedule!r} is learned: fit it first (`samplerbench fit SUITE`, or a suite "
+                             "run, which fits before it samples) and pass its tensors as fitted=")
+        options = {**options, "fitted": fitted}
     try:
         sigmas = torch.as_tensor(fn(steps, model, **options), dtype=torch.float64).cpu()
     except (TypeError, ValueError, ArithmeticError) as error:  # options it does not take, or values it cannot use
@@ -131,7 +138,8 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
            labels: Tensor | str | None = "none", guidance_type: str = "classifier-free", batch_size: int | None = None,
            device: str | torch.device | None = None, offset: int = 0, precision: str = "fp32",
            cuda_graph: bool = False, schedule_options: dict[str, Any] | None = None, warmup: bool = True,
-           plugins: PluginManager | None = None, **solver_options: Any) -> SampleOutput:
+           plugins: PluginManager | None = None, fitted: dict[str, Tensor] | None = None,
+           **solver_options: Any) -> SampleOutput:
     """Sample ``n`` points with ``solver`` under an NFE budget; solver options come as keywords.
 
     An adaptive solver (rk45) takes no budget: its options rtol/atol set its accuracy and its NFE is counted.
@@ -152,6 +160,8 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     solver's state stays in ``dtype``. ``cuda_graph`` captures a fixed-step solver's whole loop for one batch shape
     and replays it per batch (identical samples, no launch overhead). Without a ``batch_size``, the batch is all n
     samples, halved until it fits in device memory.
+
+    ``fitted``: the tensors of the fit of a learned schedule or solver (bench.core.fitting), which it samples with.
     """
     if isinstance(model, str):
         model = load_model(model, device=device or "cpu", plugins=plugins)
@@ -161,7 +171,13 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
             raise BenchError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     if isinstance(solver, str):
+        learned = "fit" in (plugins or manager()).get("solver", solver).extras
         solver = get_solver(solver, plugins, **solver_options)
+        if learned:
+            if fitted is None:
+                raise BenchError(f"solver {solver.describe()} is learned: fit it first (`samplerbench fit SUITE`, or "
+                                 "a suite run, which fits before it samples) and pass its tensors as fitted=")
+            solver = solver.use_fit(fitted)
     elif solver_options:
         raise BenchError("solver options go to the solver's constructor when the solver is given as an instance")
     if n < 1:
@@ -176,7 +192,7 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         if nfe is None:
             raise BenchError(f"solver {solver.describe()} needs an NFE budget (nfe=...)")
         plan = solver.plan(nfe)
-        sigmas = make_sigmas(schedule, plan.steps, model, plugins, **(schedule_options or {}))
+        sigmas = make_sigmas(schedule, plan.steps, model, plugins, fitted, **(schedule_options or {}))
     if guidance_type not in GUIDANCE_KINDS:
         raise unknown_name("guidance type", guidance_type, GUIDANCE_KINDS)
     network = solver.network(model, plan, sigmas)  # the model, or a distilled solver's own student of it

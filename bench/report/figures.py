@@ -146,7 +146,7 @@ def parallel_present(agg: pd.DataFrame) -> bool:
 
 # per-cell costs beyond wall-clock, shown on the trilemma's hover where a store has them: a parallel sampler's
 # sequential rounds, a learned sampler's fitting cost
-HOVER_COSTS = {"rounds": "rounds", "fit_seconds": "fitting s", "fit_nfe": "fitting NFE"}
+HOVER_COSTS = {"rounds": "rounds", "fit_seconds": "fitting s", "fit_teacher_nfe": "fitting teacher NFE"}
 
 
 def _trilemma(agg: pd.DataFrame, styles: dict[str, Style], quality: MetricInfo, diversity: MetricInfo) -> go.Figure:

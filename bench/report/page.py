@@ -108,6 +108,19 @@ def _best_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
     return _table(header, rows)
 
 
+def _fit_table(cells: pd.DataFrame) -> str:
+    """The fits of the model's learned schedules and solvers, once each: the fourth axis, what learning cost."""
+    if "fit_key" not in cells or not cells["fit_key"].notna().any():
+        return ""
+    fits = cells.dropna(subset=["fit_key"]).drop_duplicates("fit_key").sort_values(["label", "schedule", "nfe_budget"])
+    rows = [[r.label, r.schedule, r.nfe_budget, r.fit_seconds, r.fit_teacher_nfe, r.fit_evaluations, r.fit_key]
+            for r in fits.itertuples()]
+    header = ["label", "schedule", "NFE budget", "fit seconds", "teacher NFE per fitting sample",
+              "denoiser evaluations", "fit key (results/fits/manifest.json)"]
+    return ("<h3>Fitting cost of learned schedules and solvers</h3><p>Each fit is made once, on a fit seed no cell "
+            "uses, and shared by every cell with its key.</p>" + _table(header, rows))
+
+
 def _cells_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
     """Every cell of the model, failed ones included with their error text."""
     metrics = [name for name in infos if has(cells, name)]
@@ -273,7 +286,7 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[s
                        for position, (name, fig) in enumerate(figures(agg, finished, styles, infos)))
         parts.append(f'<div class="figures">{divs}</div>')
     parts.append(_sample_gallery(finished, sample_grids))
-    parts.append(f"<h3>Best solver per NFE budget, by each metric</h3>{_best_table(cells, infos)}")
+    parts.append(f"<h3>Best solver per NFE budget, by each metric</h3>{_best_table(cells, infos)}{_fit_table(cells)}")
     parts.append(f"<h3>All cells</h3>{_cells_table(cells, infos)}</section>")
     return "".join(parts)
 

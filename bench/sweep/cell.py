@@ -6,9 +6,12 @@ executor; ``draw`` is the one way any executor turns a cell (or a shard of its s
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import safetensors.torch
 
 from bench.core.sampling import SampleOutput, sample
 from bench.registry import PluginManager
@@ -57,6 +60,8 @@ class Cell:
     precision: str = "fp32"
     cuda_graph: bool = False
     code: str = "{}"  # canonical JSON: each plugin that takes part (distribution, version, source hash), the harness
+    fit: tuple[str, str] | None = None  # a learned cell's fit, (safetensors path, sha256), set by the runner; the
+    # fit is decided by the config and code (bench.sweep.fits), so it is not part of the key
 
     @property
     def solver_options(self) -> dict[str, Any]:
@@ -95,7 +100,18 @@ def draw(cell: Cell, model, plugins: PluginManager | None, start: int = 0, stop:
     cell would, by per-sample seeding."""
     stop = cell.n if stop is None else stop
     return sample(model, cell.solver.name, nfe=cell.nfe, n=stop - start, offset=start, seed=cell.seed,
-                  schedule=cell.schedule.name, schedule_options=cell.schedule.kwargs, dtype=cell.dtype,
+                  fitted=load_fit(cell.fit) if cell.fit else None, schedule=cell.schedule.name, schedule_options=cell.schedule.kwargs, dtype=cell.dtype,
                   guidance=cell.guidance, guidance_type=cell.guidance_type, labels=cell.labels,
                   batch_size=cell.batch_size, device=cell.device, precision=cell.precision,
                   cuda_graph=cell.cuda_graph, plugins=plugins, **cell.solver_options)
+
+
+def load_fit(fit: tuple[str, str]) -> dict:
+    """The tensors of a fit file, after checking its bytes against the sha256 the manifest gave."""
+    path, sha256 = fit
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"fit file {path!r} does not match its manifest's sha256 {sha256}; refit it "
+                         "(`samplerbench fit SUITE`)")
+    return safetensors.torch.load(data)

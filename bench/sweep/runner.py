@@ -10,6 +10,7 @@ its sigma range) is checked here, before the store is opened, so bad input still
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import math
@@ -34,6 +35,7 @@ from bench.sweep import schema
 from bench.sweep.cell import Cell, Component
 from bench.files import remove_stale_temporaries
 from bench.sweep.executors import local_draws, ray_draws
+from bench.sweep.fits import FitCache, fit_cells, seeds_of_fits
 from bench.sweep.provenance import environment
 from bench.sweep.store import Heartbeat, Store, new_claimant
 from bench.sweep.suite import Suite
@@ -99,7 +101,8 @@ def _check_against_model(cell: Cell, steps: int | None, model, plugins: PluginMa
     if cell.guidance is not None and cell.guidance_type == "classifier" and not hasattr(model, "class_log_posterior"):
         raise BenchError(f"guidance_type = \"classifier\" needs a model that knows its noisy-class posterior; "
                          f"{name!r} does not (use \"classifier-free\")")
-    if steps is not None:  # an adaptive solver picks its own grid
+    if steps is not None and "fit" not in plugins.get("schedule", cell.schedule.name).extras:
+        # an adaptive solver picks its own grid; a learned one's fit checks its grid (bench.core.fitting.check_grid)
         try:
             make_sigmas(cell.schedule.name, steps, model, plugins, **cell.schedule.kwargs)
         except BenchError as error:
@@ -256,6 +259,7 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
         raise BenchError(f"cell_timeout must be > 0 seconds; got {timeout!r}")
     try:
         prepared = prepare(suite, plugins)  # before the store exists: bad input writes nothing
+        seeds_of_fits(suite.cells, plugins)
     except BenchError as error:
         raise BenchError(f"{suite.path}: {error}" if suite.path else str(error)) from None
     out_dir = Path(out_dir)
@@ -274,6 +278,11 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
         finished = store.done_keys()
         pending = [cell for cell in suite.cells if cell.key not in finished or matches(cell, rerun)]
         skipped = len(suite.cells) - len(pending)
+        # learned schedules and solvers: each fit once (or from results/fits), before any cell that uses it
+        fits = fit_cells(pending, prepared.models, plugins, FitCache(out_dir / "fits"), progress=progress)
+        pending = [dataclasses.replace(cell, fit=(str(out_dir / "fits" / fits[cell.key].entry["file"]),
+                                                  fits[cell.key].entry["sha256"])) if cell.key in fits else cell
+                   for cell in pending]
 
         def claim(cell: Cell) -> bool:
             nonlocal skipped
@@ -300,7 +309,8 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
                         measured = measure(cell, prepared.models[cell.model, cell.device], drawn.outputs,
                                            references, shared, plugins, prepared.feature_spaces[cell.model])
                     grid_png = measured.pop("grid_png")
-                    row = schema.row(cell, environments.setdefault(cell.device, environment(cell.device)), measured)
+                    row = schema.row(cell, environments.setdefault(cell.device, environment(cell.device)), measured,
+                                     fit=fits[cell.key].columns() if cell.key in fits else None)
                     done += 1
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -316,3 +326,17 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
         finally:
             bar.close()
     return RunSummary(store=path, done=done, failed=failed, skipped=skipped, busy=len(busy))
+
+
+def fit_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginManager | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Fit every learned schedule and solver the suite's cells use, once per fit key, into ``out_dir/fits``
+    (what ``run_suite`` does before it samples). Returns fit key -> its manifest entry."""
+    plugins = plugins or manager()
+    try:
+        prepared = prepare(suite, plugins)
+        seeds_of_fits(suite.cells, plugins)
+    except BenchError as error:
+        raise BenchError(f"{suite.path}: {error}" if suite.path else str(error)) from None
+    fits = fit_cells(suite.cells, prepared.models, plugins, FitCache(Path(out_dir) / "fits"), progress=progress)
+    return {fit.entry["key"]: fit.entry for fit in fits.values()}

@@ -52,6 +52,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("seconds", "REAL", "sampling wall-clock of the cell, warm-up excluded"),
     Column("batch_size", "INTEGER", "the batch actually used"),
     Column("peak_memory_bytes", "INTEGER", "peak device memory while sampling (CUDA only)"),
+    Column("fit_key", "TEXT", "a learned schedule's or solver's fit (results/fits/manifest.json), none if not learned"),
+    Column("fit_seconds", "REAL", "wall-clock of that fit, once for every cell that shares it"),
+    Column("fit_teacher_nfe", "REAL", "teacher denoiser calls per fitting sample in that fit"),
+    Column("fit_evaluations", "REAL", "denoiser evaluations (calls x samples) of that fit, teacher included"),
     Column("metrics", "TEXT NOT NULL", "JSON: metric name -> value (null where it does not apply or failed)"),
     Column("metric_errors", "TEXT NOT NULL", "JSON: metric name -> why it failed (a failed metric spares the rest)"),
     Column("config", "TEXT NOT NULL", "JSON: the cell's config"),
@@ -62,6 +66,7 @@ COLUMNS: tuple[Column, ...] = (
 NAMES = tuple(column.name for column in COLUMNS)
 JSON_COLUMNS = ("metrics", "metric_errors", "config", "code", "environment")
 MEASURED = ("nfe", "rounds", "model_evals", "steps", "seconds", "batch_size", "peak_memory_bytes")
+FIT_COLUMNS = ("fit_key", "fit_seconds", "fit_teacher_nfe", "fit_evaluations")
 
 
 def create_table_sql(table: str = "cells") -> str:
@@ -70,8 +75,9 @@ def create_table_sql(table: str = "cells") -> str:
 
 
 def row(cell: "Cell", environment: dict[str, Any], measured: dict[str, Any] | None = None,
-        error: str | None = None) -> dict[str, Any]:
-    """The row of a cell: done with its measured values, or failed with the reason (``error``)."""
+        error: str | None = None, fit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row of a cell: done with its measured values, or failed with the reason (``error``); ``fit``: the
+    fitting-cost columns of a learned cell (bench.sweep.fits.Fit.columns)."""
     if (measured is None) == (error is None):
         raise ValueError("a row is either measured or failed")
     values = {
@@ -81,7 +87,7 @@ def row(cell: "Cell", environment: dict[str, Any], measured: dict[str, Any] | No
         "seed": cell.seed, "n": cell.n, "dtype": cell.dtype, "network_precision": cell.precision,
         "device": cell.device, "config": cell.config(), "code": json.loads(cell.code), "environment": environment,
         "status": "done" if error is None else "failed", "error": error, "metrics": {}, "metric_errors": {},
-        **{name: None for name in MEASURED},
+        **{name: None for name in MEASURED}, **{name: (fit or {}).get(name) for name in FIT_COLUMNS},
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if measured is not None:

@@ -59,7 +59,7 @@ from bench.errors import BenchError, unknown_name
 from bench.registry import PluginManager, Registration, manager
 from bench.sweep import validate as check
 from bench.sweep.cell import Cell, Component
-from bench.sweep.provenance import canonical_json, component_identity, harness_identity
+from bench.sweep.provenance import canonical_json, component_identity, harness_identity, module_digest
 from bench.sweep.validate import Limits
 
 SUITE_KEYS = {"name", "description", "device", "dtype", "n", "batch_size", "seeds", "nfe", "schedules", "metrics",
@@ -171,7 +171,9 @@ def parse_suite(data: dict[str, Any], *, default_name: str | None = "suite", dev
                     **_base_identity(plugins, entry.component),
                     "schedule": (component_identity(plugins, "schedule", schedule.name)
                                  if not entry.adaptive else None),
-                    "metrics": [component_identity(plugins, "metric", metric) for metric in sorted(metrics)]})
+                    "metrics": [component_identity(plugins, "metric", metric) for metric in sorted(metrics)],
+                    **({"fitting": module_digest("bench.core.fitting")}
+                       if _learned(plugins, entry.component.name, None if entry.adaptive else schedule.name) else {})})
                 for budget, tolerance in itertools.product(entry.budgets, entry.tolerances):
                     for guidance, precision, seed in itertools.product(guidances, precisions, seeds):
                         cells.append(Cell(name, model, entry.component, schedule, budget, guidance, seed, n, dtype,
@@ -324,7 +326,7 @@ def _component(entry: Any, key: str, kind: str, plugins: PluginManager) -> Compo
                if option not in ("name", "label")}
     # schedules take (steps, model, **options); a model loader's device is the suite's
     check.check_options(registration.obj, options, what=f"{kind} {registration.name!r}", key=key,
-                        skip=2 if kind == "schedule" else 0)
+                        skip=2 if kind == "schedule" else 0, ignore=("device", "fitted"))
     label = check.name(table.get("label", ""), f"{key}.label", width=check.MAX_LABEL)
     return Component(registration.name, tuple(sorted(options.items())), label)
 
@@ -378,3 +380,9 @@ def _within(key: str, fn: Any, *args: Any) -> Any:
 def _spelled(component: Component) -> str:
     options = ", ".join(f"{key}={value!r}" for key, value in component.options)
     return f"{component.name}({options})"
+
+
+def _learned(plugins: PluginManager, solver: str, schedule: str | None) -> bool:
+    """Whether the solver or the schedule is fitted (registered with a ``fit``): its cells' code covers the fit's."""
+    return ("fit" in plugins.get("solver", solver).extras
+            or (schedule is not None and "fit" in plugins.get("schedule", schedule).extras))
