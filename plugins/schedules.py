@@ -14,7 +14,7 @@ and normal and sgm_uniform, which fall back to log sigma without one) live in pl
     linear-quadratic  Mochi's: linear then quadratic in sigma / sigma_max (ComfyUI's linear_quadratic)
     flow              uniform in flow-matching time t = sigma / (1 + sigma), then shifted (SD3, diffusers'
                       FlowMatchEulerDiscreteScheduler)
-    ays               Align Your Steps' published tables (Sabour et al. 2024), by model ``family``
+    ays-table         Align Your Steps' published tables (Sabour et al. 2024), by model ``family``
     sigmas            a list given by the user, one sigma per step
 """
 
@@ -214,7 +214,7 @@ def ays(steps: int, model, family: str | None = None) -> Tensor:
     other counts the table interpolated log-linearly to steps + 1 points; the last, the family's sigma_min, becomes
     0. The table must lie within the model's range: it was optimised for that family's noise levels."""
     if family not in AYS_SIGMAS:
-        raise ValueError(f"schedule 'ays' needs family = one of {', '.join(map(repr, AYS_SIGMAS))} (the models its "
+        raise ValueError(f"schedule 'ays-table' needs family = one of {', '.join(map(repr, AYS_SIGMAS))} (the models its "
                          f"tables were published for); got {family!r}")
     table = AYS_SIGMAS[family]
     _check_in_range(table, model, f"the AYS table for {family!r}")
@@ -233,5 +233,5 @@ def register_schedules(register):
     register(kl_optimal, name="kl-optimal", aliases=("kl_optimal",))
     register(linear_quadratic, name="linear-quadratic", aliases=("linear_quadratic",))
     register(flow, name="flow")
-    register(ays, name="ays", aliases=("align-your-steps",))
+    register(ays, name="ays-table", aliases=("align-your-steps",))  # `ays` is the fitted one (learned)
     register(user_sigmas, name="sigmas")

@@ -173,27 +173,27 @@ def test_ays_tables_at_ten_steps_are_the_published_ones(gmm2d):
         "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.0],
     }
     for family, sigmas in published.items():
-        assert make_sigmas("ays", 10, gmm2d, family=family).tolist() == sigmas
+        assert make_sigmas("ays-table", 10, gmm2d, family=family).tolist() == sigmas
     wide = type("Wide", (), {"sigma_min": 0.002, "sigma_max": 700.0, "name": "wide"})()
-    assert make_sigmas("ays", 10, wide, family="svd").tolist() == [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981,
+    assert make_sigmas("ays-table", 10, wide, family="svd").tolist() == [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981,
                                                                      0.403, 0.173, 0.034, 0.0]
 
 
 def test_ays_interpolates_log_linearly(gmm2d):
     table = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
-    sigmas = make_sigmas("ays", 20, gmm2d, family="sd1.5")  # 21 points over the table's 11: every other is a node
+    sigmas = make_sigmas("ays-table", 20, gmm2d, family="sd1.5")  # 21 points over the table's 11: every other is a node
     for k in range(10):
         assert sigmas[2 * k].item() == pytest.approx(table[k], rel=1e-12)
         assert sigmas[2 * k + 1].item() == pytest.approx(math.sqrt(table[k] * table[k + 1]), rel=1e-12)
     assert sigmas[-1] == 0
-    assert make_sigmas("ays", 5, gmm2d, family="sdxl")[0].item() == pytest.approx(14.615, rel=1e-12)
+    assert make_sigmas("ays-table", 5, gmm2d, family="sdxl")[0].item() == pytest.approx(14.615, rel=1e-12)
 
 
 def test_ays_errors(gmm2d):
     with pytest.raises(BenchError, match=r"needs family = one of 'sd1.5', 'sdxl', 'svd'.*got None"):
-        make_sigmas("ays", 10, gmm2d)
+        make_sigmas("ays-table", 10, gmm2d)
     with pytest.raises(BenchError, match=r"AYS table for 'svd' spans \[0.002, 700\], outside model 'gmm2d'"):
-        make_sigmas("ays", 10, gmm2d, family="svd")
+        make_sigmas("ays-table", 10, gmm2d, family="svd")
 
 
 def test_user_sigmas(gmm2d):
