@@ -51,7 +51,7 @@ from torch import Tensor
 
 from bench.core.numerics import linear_combination, vp_time
 from bench.core.options import SolverOptions, option
-from bench.core.steps import WARMUP_CAP, StepSolver, warmup_orders
+from bench.core.steps import MultistepSolver
 from bench.hookspecs import hookimpl
 
 METHODS = ("tab", "rhoab", "logrho")
@@ -81,7 +81,7 @@ def deis_coefficients(rho: float, rho_next: float, rho_points: Sequence[float],
     return coefficients
 
 
-class DEIS(StepSolver):
+class DEIS(MultistepSolver):
     """Multistep DEIS of ``order`` 1..3 with polynomial fits in ``method``'s time variable (module docstring)."""
 
     @dataclass(frozen=True)
@@ -91,25 +91,6 @@ class DEIS(StepSolver):
         lower_order_final: bool = True
 
     prediction = "noise"  # dx/drho = eps
-
-    @property
-    def nominal_order(self) -> int:
-        return self.config.order
-
-    @property
-    def order(self) -> int:
-        return min(self.config.order, 2)
-
-    @property
-    def order_note(self) -> str:
-        return WARMUP_CAP if self.config.order > 2 else ""
-
-    @property
-    def history(self) -> int:
-        return self.config.order
-
-    def step_orders(self, steps: int) -> tuple[int, ...]:
-        return warmup_orders(steps, self.config.order, self.config.lower_order_final)
 
     def step(self, i: int, x: Tensor, eps: tuple[Tensor, ...], sigmas: Tensor, orders: tuple[int, ...],
              noise: Tensor | None) -> Tensor:

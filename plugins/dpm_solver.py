@@ -52,7 +52,7 @@ from bench.core.numerics import linear_combination, phi_functions
 from bench.core.options import SolverOptions, option
 from bench.core.singlestep import INTERMEDIATES, SinglestepSolver
 from bench.core.solver import AdaptiveSolver, Denoise, Noise, Plan, SolverFamily
-from bench.core.steps import WARMUP_CAP, StepSolver, warmup_orders
+from bench.core.steps import WARMUP_CAP, MultistepSolver
 from bench.hookspecs import hookimpl
 
 H_INIT, THETA = 0.05, 0.9  # adaptive: the first step in lambda, and the safety factor on the new step size
@@ -197,7 +197,7 @@ class DPMSolverSinglestep(SinglestepSolver):
         return x
 
 
-class DPMSolverMultistep(StepSolver):
+class DPMSolverMultistep(MultistepSolver):
     """Multistep DPM-Solver-2/3, the original code's "dpmsolver" form (module docstring)."""
 
     @dataclass(frozen=True)
@@ -213,27 +213,12 @@ class DPMSolverMultistep(StepSolver):
     prediction = "noise"
 
     @property
-    def nominal_order(self) -> int:
-        return self.config.order
-
-    @property
-    def order(self) -> int:
-        return min(self.config.order, 2)
-
-    @property
     def order_note(self) -> str:
         if self.config.order < 3:
             return ""
         if self.config.third_order == "original":
             return f"3M as published weights eps'' by 1/2 (third_order='taylor': 1), and {WARMUP_CAP}"
         return WARMUP_CAP
-
-    @property
-    def history(self) -> int:
-        return self.config.order
-
-    def step_orders(self, steps: int) -> tuple[int, ...]:
-        return warmup_orders(steps, self.config.order, self.config.lower_order_final)
 
     def step(self, i: int, x: Tensor, eps: tuple[Tensor, ...], sigmas: Tensor, orders: tuple[int, ...],
              noise: Tensor | None) -> Tensor:

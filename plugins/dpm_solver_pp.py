@@ -59,7 +59,7 @@ from bench.core.numerics import linear_combination, phi_functions
 from bench.core.options import SolverOptions, option
 from bench.core.singlestep import INTERMEDIATES, SinglestepSolver
 from bench.core.solver import Denoise, Fixed, Noise, Plan, SolverFamily, preset
-from bench.core.steps import WARMUP_CAP, StepSolver, warmup_orders
+from bench.core.steps import WARMUP_CAP, MultistepSolver
 from bench.hookspecs import hookimpl
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -174,7 +174,7 @@ def dpm_solver_pp_3s(denoise: Denoise, x: Tensor, sigma: float, sigma_next: floa
 
 # ---------------------------------------------------------------------------------------------------- solvers
 
-class DPMSolverPlusPlusMultistep(StepSolver):
+class DPMSolverPlusPlusMultistep(MultistepSolver):
     """DPM-Solver++(2M), 3M and SDE-DPM-Solver++(2M) (module docstring)."""
 
     @dataclass(frozen=True)
@@ -193,14 +193,6 @@ class DPMSolverPlusPlusMultistep(StepSolver):
                 raise ValueError("sde=True supports order 1 or 2 (SDE-DPM-Solver++(2M)); got order=3")
 
     @property
-    def nominal_order(self) -> int:
-        return self.config.order
-
-    @property
-    def order(self) -> int:
-        return min(self.config.order, 2)
-
-    @property
     def order_note(self) -> str:
         if self.config.sde:
             return STOCHASTIC_NOTE
@@ -213,13 +205,6 @@ class DPMSolverPlusPlusMultistep(StepSolver):
     @property
     def stochastic(self) -> bool:
         return self.config.sde
-
-    @property
-    def history(self) -> int:
-        return self.config.order
-
-    def step_orders(self, steps: int) -> tuple[int, ...]:
-        return warmup_orders(steps, self.config.order, self.config.lower_order_final)
 
     def step(self, i: int, x: Tensor, denoised: tuple[Tensor, ...], sigmas: Tensor, orders: tuple[int, ...],
              noise: Tensor | None) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from bench.core.numerics import linear_combination
 from bench.core.options import SolverOptions, option
-from bench.core.steps import WARMUP_CAP, StepSolver, warmup_orders
+from bench.core.steps import MultistepSolver, StepSolver
 from bench.hookspecs import hookimpl
 
 LMS_ORDERS = (1, 2, 3, 4, 5, 6)
@@ -51,7 +51,7 @@ def lagrange_integrals(points: list[float], start: float, end: float) -> list[fl
     return integrals
 
 
-class LinearMultistep(StepSolver):
+class LinearMultistep(MultistepSolver):
     """k-diffusion's LMS (module docstring)."""
 
     @dataclass(frozen=True)
@@ -59,25 +59,6 @@ class LinearMultistep(StepSolver):
         order: int = option(4, choices=LMS_ORDERS)
 
     prediction = "noise"  # the slope d = (x - D) / sigma is eps
-
-    @property
-    def order(self) -> int:
-        return min(self.config.order, 2)
-
-    @property
-    def nominal_order(self) -> int:
-        return self.config.order
-
-    @property
-    def order_note(self) -> str:
-        return WARMUP_CAP if self.config.order > 2 else ""
-
-    @property
-    def history(self) -> int:
-        return self.config.order
-
-    def step_orders(self, steps: int) -> tuple[int, ...]:
-        return warmup_orders(steps, self.config.order, lower_order_final=False)
 
     def step(self, i: int, x: Tensor, estimates: tuple[Tensor, ...], sigmas: Tensor, orders: tuple[int, ...],
              noise: Tensor | None) -> Tensor:

@@ -61,7 +61,7 @@ from torch import Tensor
 from bench.core.numerics import linear_combination, vp_sigma, vp_time
 from bench.core.options import SolverOptions, option
 from bench.core.solver import Denoise, Noise, Plan, Solver
-from bench.core.steps import WARMUP_CAP, StepSolver, warmup_orders
+from bench.core.steps import WARMUP_CAP, MultistepSolver
 from bench.hookspecs import hookimpl
 
 METHODS = ("f-pndm", "s-pndm", "plms")
@@ -158,7 +158,7 @@ class PNDM(Solver):
         return (eps_1 + 2 * eps_2 + 2 * eps_3 + eps_4) / 6
 
 
-class IPNDM(StepSolver):
+class IPNDM(MultistepSolver):
     """iPNDM of ``order`` 1..4: fixed-coefficient Adams-Bashforth in sigma with a lower-order warm-up."""
 
     @dataclass(frozen=True)
@@ -168,25 +168,10 @@ class IPNDM(StepSolver):
     prediction = "noise"
 
     @property
-    def nominal_order(self) -> int:
-        return self.config.order
-
-    @property
-    def order(self) -> int:
-        return min(self.config.order, 2)
-
-    @property
     def order_note(self) -> str:
         if self.config.order <= 2:
             return ""
         return f"{FIXED_WEIGHTS_NOTE}, and {WARMUP_CAP}"
-
-    @property
-    def history(self) -> int:
-        return self.config.order
-
-    def step_orders(self, steps: int) -> tuple[int, ...]:
-        return warmup_orders(steps, self.config.order, lower_order_final=False)
 
     def step(self, i: int, x: Tensor, eps: tuple[Tensor, ...], sigmas: Tensor, orders: tuple[int, ...],
              noise: Tensor | None) -> Tensor:

@@ -21,10 +21,12 @@ def gmm_image():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_parity(request):
-    """The diffusers parity modules run a tiny UNet whose convolutions get 15x slower with two threads on a
-    shared machine (tests/peers.py, one_thread)."""
-    if not request.module.__name__.endswith("_parity"):
+def _one_thread_where_asked(request):
+    """Torch on one thread for the parity modules and for modules that set ONE_THREAD = True. The tiny UNet's
+    convolutions and the analytic models' small matrix products gain nothing from a second thread, and on a shared
+    machine two torch threads spin-wait on each other: 15x slower convolutions, gmm-image at 1.4 ms per call on one
+    thread and 50 ms on two under load (tests/peers.py, one_thread)."""
+    if not (request.module.__name__.endswith("_parity") or getattr(request.module, "ONE_THREAD", False)):
         yield
         return
     from peers import one_thread

@@ -94,12 +94,7 @@ def plugins():
     return manager
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_THREAD = True  # conftest.py: torch on one thread for this module
 
 
 def verdicts(checks):

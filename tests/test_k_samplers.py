@@ -49,14 +49,7 @@ STOCHASTIC = [("euler-ancestral", {}, 1), ("dpm-2-ancestral", {}, 2), ("dpm++2s-
 TWO_CALLS = ["dpm-2", "dpm-2-ancestral", "dpm++2s-ancestral", "dpm++sde", "seeds-2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the analytic models' small matrix products gain nothing from a second thread, and on a shared machine two
-    # torch threads spin-wait on each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_THREAD = True  # conftest.py: torch on one thread for this module
 
 
 def case_id(case) -> str:

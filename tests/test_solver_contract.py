@@ -52,14 +52,7 @@ NO_STEP_RULE = [("heun", {}), ("edm-stochastic", {}), ("rk45", {}), ("pndm", {"m
                 ("dpm-2-ancestral", {}), ("dpm++2s-ancestral", {}), ("dpm++sde", {}), ("seeds-2", {}), ("seeds-3", {})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the analytic models' small matrix products gain nothing from a second thread, and on a shared machine two
-    # torch threads spin-wait on each other (gmm-image: 1.4 ms per call on one thread, 50 ms on two under load)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_THREAD = True  # conftest.py: torch on one thread for this module
 
 
 def case_id(case) -> str:

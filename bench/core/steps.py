@@ -112,6 +112,31 @@ def require_step_rule(solver: Solver, user: str = "a parallel sampler") -> StepS
                      "method='multistep' (dpm++2m, dpm++2m-sde, res-multistep)")
 
 
+class MultistepSolver(StepSolver):
+    """A linear multistep method whose option ``order`` is how many estimates a step reads: its first steps warm
+    up at lower order, so its global order is capped at 2 (WARMUP_CAP) with ``order`` its nominal order. An
+    option ``lower_order_final`` (where declared) also lowers the last steps' order (warmup_orders)."""
+
+    @property
+    def nominal_order(self) -> int:
+        return self.config.order
+
+    @property
+    def order(self) -> int:
+        return min(self.config.order, 2)
+
+    @property
+    def order_note(self) -> str:
+        return WARMUP_CAP if self.config.order > 2 else ""
+
+    @property
+    def history(self) -> int:
+        return self.config.order
+
+    def step_orders(self, steps: int) -> tuple[int, ...]:
+        return warmup_orders(steps, self.config.order, getattr(self.config, "lower_order_final", False))
+
+
 def warmup_orders(steps: int, order: int, lower_order_final: bool = True) -> tuple[int, ...]:
     """The order of each step of a multistep method: it can use at most i + 1 points at step i (warm-up), and
     the last step, to sigma = 0, is first order. With ``lower_order_final`` the last steps before it also drop
