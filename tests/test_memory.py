@@ -1,0 +1,140 @@
+"""The memory budget: cells run in batches within it, cells that cannot fit are refused before sampling, and the
+measuring stages work in blocks. Budgets of a few MB, set through the argument or the environment, stand in for
+the cells of 10^7 samples they would refuse or batch on a real machine."""
+
+import math
+
+import pytest
+import torch
+
+import bench
+from bench.core import memory
+from bench.core.memory import BUDGET_ENV, Budget, measure_peak, memory_budget, parse_size
+from bench.core.sampling import agreement_tolerance
+from bench.errors import BenchError
+
+
+class Recording:
+    """A model that records the batch size of every call it gets."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+        self.name, self.shape, self.num_classes = model.name, model.shape, model.num_classes
+        self.sigma_min, self.sigma_max, self.sigma_data = model.sigma_min, model.sigma_max, model.sigma_data
+
+    def __call__(self, x, sigma, cond=None):
+        self.calls.append(len(x))
+        return self.model(x, sigma, cond)
+
+
+# ------------------------------------------------------------------------------------------------ the budget
+
+def test_sizes_with_units():
+    assert parse_size("4GiB") == 4 * 2**30 and parse_size("500 MB") == 500 * 10**6
+    assert parse_size("2e9") == 2 * 10**9 and parse_size(1234) == 1234 and parse_size("1.5kB") == 1500
+    for bad in ("4G", "lots", "", "-1"):
+        with pytest.raises(BenchError, match="not a size.*GiB"):
+            parse_size(bad, BUDGET_ENV)
+    with pytest.raises(BenchError, match="must be positive"):
+        parse_size(0)
+
+
+def test_the_argument_wins_over_the_environment_which_wins_over_the_default(monkeypatch):
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    default = memory_budget("cpu")
+    assert default.bytes > 0 and "default" in default.source
+    monkeypatch.setenv(BUDGET_ENV, "3MB")
+    assert memory_budget("cpu") == Budget(3 * 10**6, f"{BUDGET_ENV}=3MB")
+    assert memory_budget("cpu", "2MiB").bytes == 2 * 2**20
+    monkeypatch.setenv(BUDGET_ENV, "three")
+    with pytest.raises(BenchError, match=BUDGET_ENV):
+        memory_budget("cpu")
+
+
+def test_the_cpu_default_is_a_share_of_the_available_memory(monkeypatch):
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    available = memory.available_memory(torch.device("cpu"))
+    assert available is not None and available > 2**27
+    assert memory_budget("cpu").bytes == pytest.approx(memory.CPU_SHARE * available, rel=0.05)  # RAM moves
+
+
+def test_the_arithmetic():
+    # 10 MB budget, 4 MB kept, 1 kB a sample: 6,000 samples fit; never more than n; none when one does not fit
+    assert memory.batch_that_fits(10**5, budget=10**7, kept=4 * 10**6, per_sample=1000) == 6000
+    assert memory.batch_that_fits(100, budget=10**7, kept=4 * 10**6, per_sample=1000) == 100
+    assert memory.batch_that_fits(100, budget=10**7, kept=10**7 - 999, per_sample=1000) == 0
+
+
+def test_measured_peak_counts_what_is_alive_at_once():
+    def run():
+        big = torch.empty(2**20, dtype=torch.uint8)
+        view = big[: 2**19]  # the same storage: no new memory
+        del big, view
+        small = torch.empty(2**19, dtype=torch.uint8)
+        return small + 1  # 0.5 MB more, while small lives
+
+    result, peak = measure_peak(run, "cpu")
+    assert peak == 2**20 and len(result) == 2**19
+
+
+# ---------------------------------------------------------------------------------------- batching samples
+
+def test_a_cell_over_the_budget_runs_in_batches_with_the_same_samples(gmm2d):
+    n = 20_000
+    whole = bench.sample(gmm2d, "heun", nfe=9, n=n, batch_size=n, warmup=False)
+    recording = Recording(gmm2d)
+    (out, peak) = measure_peak(lambda: bench.sample(recording, "heun", nfe=9, n=n, memory_budget="2MB"), "cpu")
+    probe, batches = recording.calls[:out.nfe], recording.calls[out.nfe:]  # the probe's calls come first
+    assert probe == [memory.PROBE_SAMPLES] * out.nfe
+    assert sum(batches) == out.nfe * n and set(batches) == {out.batch_size, n % out.batch_size}
+    assert math.ceil(n / out.batch_size) >= 4
+    assert peak <= 2 * 10**6  # the tensors the run made, at their peak, within the budget
+    assert torch.equal(out.x_T, whole.x_T)  # bit for bit: noise is a function of (seed, index)
+    torch.testing.assert_close(out.x, whole.x, rtol=0, atol=agreement_tolerance(torch.float32, gmm2d.sigma_max))
+
+
+def test_the_budget_can_come_from_the_environment(gmm_image, monkeypatch):
+    bench.sample(gmm_image, "euler", nfe=3, n=1)  # the model's parameters cast to float32 (its own, not the run's)
+    monkeypatch.setenv(BUDGET_ENV, "4MB")  # gmm-image: ~37 kB a sample in a batch, 6 kB kept
+    out, peak = measure_peak(lambda: bench.sample(gmm_image, "euler", nfe=3, n=400), "cpu")
+    assert 20 < out.batch_size < 200 and peak <= 4 * 10**6
+    monkeypatch.delenv(BUDGET_ENV)
+    torch.testing.assert_close(out.x, bench.sample(gmm_image, "euler", nfe=3, n=400).x, rtol=0,
+                               atol=agreement_tolerance(torch.float32, gmm_image.sigma_max))
+
+
+def test_a_given_batch_size_is_used_as_given(gmm2d):
+    recording = Recording(gmm2d)
+    out = bench.sample(recording, "euler", nfe=3, n=5000, batch_size=5000, memory_budget="1MB", warmup=False)
+    assert out.batch_size == 5000 and recording.calls == [5000] * 3
+
+
+def test_a_cell_whose_samples_exceed_the_budget_is_refused_before_any_call(gmm_image):
+    recording = Recording(gmm_image)
+    # gmm-image at 10^7: 30.7 GB for each of x and x_T
+    for batch_size in (None, 1000):
+        with pytest.raises(BenchError) as refused:
+            bench.sample(recording, "euler", nfe=4, n=10**7, memory_budget="24GB", batch_size=batch_size)
+        message = str(refused.value)
+        assert "gmm-image" in message and "61.4 GB" in message and "24 GB" in message
+        assert "at most 3,906,250" in message and f"{BUDGET_ENV}=" in message
+    assert recording.calls == []
+
+
+def test_a_cell_whose_working_set_cannot_fit_beside_its_samples_is_refused(gmm_image):
+    # the kept samples fit (600 kB), but not one sample's working set beside them
+    with pytest.raises(BenchError, match="one sample's working set .* does not fit"):
+        bench.sample(gmm_image, "euler", nfe=4, n=100, memory_budget="620kB")
+
+
+# -------------------------------------------------------------------------------------------- the cell check
+
+def test_the_cell_check_counts_what_metrics_keep():
+    shape, n = (3, 16, 16), 10_000  # samples 61 MB; features, data and reference float64 of 768 numbers each
+    memory.check_cell("gmm-image euler", n, shape, torch.float32, "cpu", [], budget="62MB")
+    memory.check_cell("gmm-image euler", n, shape, torch.float32, "cpu", ["fid"], feature_dim=2,
+                      budget="170MB")  # 2-d features: 61.4 MB + 0.16 MB + 61.6 MB < 3/4 of 170 MB
+    with pytest.raises(BenchError, match="samples' features") as refused:
+        memory.check_cell("gmm-image euler", n, shape, torch.float32, "cpu", ["fid", "trajectory_error"],
+                          budget="200MB")
+    assert "x and x_T 61.4 MB + the reference solution 61.4 MB" in str(refused.value)
