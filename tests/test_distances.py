@@ -6,7 +6,8 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_part
 
-from bench.measure.distances import feature_statistics, frechet_distance, kth_neighbour_radii, precision_recall
+from bench.measure.distances import (distance_blocks, feature_statistics, frechet_distance, kth_neighbour_radii,
+                                     precision_recall)
 
 
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -62,3 +63,23 @@ def test_kth_neighbour_radius_by_hand():
     # k = 1: the nearest other point; k = 2: the second nearest
     assert kth_neighbour_radii(points, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
     assert kth_neighbour_radii(points, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_precision_recall_in_many_blocks_equal_one_block(dtype):
+    """A budget of 200 kB: blocks of ~64 rows x ~45 columns, hundreds of them, so the running k-NN radii and the
+    running coverage are merged across column blocks; 1 GB: one block, the whole distance matrix."""
+    generated = correlated_features(1500, 64, 5, shift=0.05).to(dtype)
+    real = correlated_features(1200, 64, 6).to(dtype)
+    rows, columns = distance_blocks(1500, 1500, dtype, "200kB")
+    assert rows <= 100 and columns <= 100
+    assert distance_blocks(1500, 1500, dtype, "1GB") == (1500, 1500)
+    blocked_radii, radii = kth_neighbour_radii(real, 3, "200kB"), kth_neighbour_radii(real, 3, "1GB")
+    torch.testing.assert_close(blocked_radii, radii, rtol=1e-12, atol=0)
+    assert precision_recall(generated, real, 3, memory_budget="200kB") == precision_recall(generated, real, 3,
+                                                                                          memory_budget="1GB")
+
+
+def test_k_nearest_neighbours_need_more_than_k_points():
+    with pytest.raises(ValueError, match="more than k = 3 points; got 3"):
+        kth_neighbour_radii(torch.zeros(3, 2), 3)

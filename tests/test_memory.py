@@ -12,6 +12,7 @@ from bench.core import memory
 from bench.core.memory import BUDGET_ENV, Budget, measure_peak, memory_budget, parse_size
 from bench.core.sampling import agreement_tolerance
 from bench.errors import BenchError
+from bench.measure.distances import feature_statistics, root_mean_square_difference
 
 
 class Recording:
@@ -138,3 +139,19 @@ def test_the_cell_check_counts_what_metrics_keep():
         memory.check_cell("gmm-image euler", n, shape, torch.float32, "cpu", ["fid", "trajectory_error"],
                           budget="200MB")
     assert "x and x_T 61.4 MB + the reference solution 61.4 MB" in str(refused.value)
+
+
+# ---------------------------------------------------------------------------------------- measuring stages
+
+def test_statistics_and_rms_in_blocks_equal_one_block():
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    features = torch.randn(3000, 16, generator=generator, dtype=torch.float64) @ mixing
+    one, blocked = feature_statistics(features, memory_budget="1GB"), feature_statistics(features, "20kB")
+    torch.testing.assert_close(blocked.mean, one.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(blocked.covariance, one.covariance, rtol=1e-12, atol=1e-14)
+    other = features + 0.01 * torch.randn(3000, 16, generator=generator, dtype=torch.float64)
+    direct = (features - other).pow(2).mean().sqrt().item()
+    assert root_mean_square_difference(features.float(), other, "20kB") == pytest.approx(
+        (features.float().double() - other).pow(2).mean().sqrt().item(), rel=1e-12)
+    assert root_mean_square_difference(features, other, "1GB") == pytest.approx(direct, rel=1e-12)

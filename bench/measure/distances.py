@@ -7,6 +7,12 @@ the GPU) and the trace of sqrt(S1 S2) from a general eigensolver; here the k-NN 
 and the trace from a Cholesky factor and one symmetric eigenvalue problem in float64 (torch-fidelity: a general
 eigensolver on S1 S2, 9x slower at d = 2048 on two CPU cores). Precision and recall can differ from
 torch-fidelity's only where a distance ties a k-NN radius to rounding (a different summation order inside cdist).
+
+Memory: precision and recall cost n^2 distances, so they are computed in blocks of rows x columns whose distance
+matrix fits in a measuring stage's share of the memory budget (bench.core.memory): the k-NN radii keep a running
+k + 1 smallest per row across column blocks, the coverage tests a running "inside some ball" per row. Blocks
+change no value: each distance is computed alone, and a k-th smallest or an "any" does not depend on the order
+the columns come in. The statistics and the RMS difference are sums over row blocks.
 """
 
 from __future__ import annotations
@@ -16,17 +22,28 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bench.core import memory
+
+MAX_BLOCK_ROWS = 4096  # rows of a distance block: larger blocks are no faster
+MIN_BLOCK_ROWS = 64  # fewer rows per block would starve the matrix product; columns are split first
+
 
 class Statistics(NamedTuple):
     mean: Tensor  # [d], float64
     covariance: Tensor  # [d, d], float64, unbiased (n - 1), as numpy.cov and torch-fidelity
 
 
-def feature_statistics(features: Tensor) -> Statistics:
-    features = features.to(torch.float64)
-    mean = features.mean(0)
-    centred = features - mean
-    return Statistics(mean, centred.T @ centred / (len(features) - 1))
+def feature_statistics(features: Tensor, memory_budget: int | str | None = None) -> Statistics:
+    """Mean and covariance, summed over blocks of rows: each block is cast to float64 and centred alone."""
+    n, d = features.shape
+    budget = memory.memory_budget(features.device, memory_budget)
+    rows = max(1, budget.working // (2 * d * 8))  # a block in float64, and centred
+    mean = sum(block.to(torch.float64).sum(0) for block in features.split(rows)) / n
+    covariance = torch.zeros(d, d, dtype=torch.float64, device=features.device)
+    for block in features.split(rows):
+        centred = block.to(torch.float64) - mean
+        covariance.addmm_(centred.T, centred)
+    return Statistics(mean, covariance / (n - 1))
 
 
 def frechet_distance(first: Statistics, second: Statistics) -> float:
@@ -51,23 +68,66 @@ def frechet_distance(first: Statistics, second: Statistics) -> float:
     return distance.item()
 
 
-def kth_neighbour_radii(features: Tensor, k: int, chunk: int = 4096) -> Tensor:
+def distance_blocks(rows: int, columns: int, dtype: torch.dtype,
+                    memory_budget: int | str | None = None, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Rows and columns of a distance block that fits in a measuring stage's share of the budget. A block entry
+    costs the distance (itemsize), a comparison's byte, and as much again for cdist's and topk's temporaries.
+    Whole rows while MIN_BLOCK_ROWS of them fit; past that the columns are split too."""
+    entries = max(1, memory.memory_budget(device, memory_budget).working // (2 * dtype.itemsize + 1))
+    block_columns = columns if entries // columns >= MIN_BLOCK_ROWS else max(1, entries // MIN_BLOCK_ROWS)
+    block_rows = min(rows, MAX_BLOCK_ROWS, max(1, entries // block_columns))
+    return block_rows, block_columns
+
+
+def kth_neighbour_radii(features: Tensor, k: int, memory_budget: int | str | None = None) -> Tensor:
     """Distance from each point to its k-th nearest other point (the k + 1-th smallest, counting itself)."""
-    radii = [torch.cdist(rows, features).topk(k + 1, dim=1, largest=False).values[:, -1]
-             for rows in features.split(chunk)]
-    return torch.cat(radii)
+    n = len(features)
+    if n <= k:
+        raise ValueError(f"k-th nearest neighbours need more than k = {k} points; got {n}")
+    rows, columns = distance_blocks(n, n, features.dtype, memory_budget, features.device)
+    radii = torch.empty(n, dtype=features.dtype, device=features.device)
+    for start in range(0, n, rows):
+        block = features[start:start + rows]
+        nearest = features.new_empty(len(block), 0)  # the k + 1 smallest distances per row among columns seen
+        for column in range(0, n, columns):
+            part = features[column:column + columns]  # the block of distances lives only inside this line:
+            smallest = torch.cdist(block, part).topk(min(k + 1, len(part)), dim=1, largest=False).values
+            candidates = torch.cat([nearest, smallest], dim=1)
+            nearest = candidates.topk(min(k + 1, candidates.shape[1]), dim=1, largest=False).values
+        radii[start:start + rows] = nearest[:, k]
+    return radii
 
 
-def coverage(queries: Tensor, centres: Tensor, radii: Tensor, chunk: int = 4096) -> float:
+def coverage(queries: Tensor, centres: Tensor, radii: Tensor, memory_budget: int | str | None = None) -> float:
     """The fraction of queries inside at least one centre's ball."""
-    inside = [(torch.cdist(rows, centres) <= radii).any(dim=1) for rows in queries.split(chunk)]
-    return torch.cat(inside).to(torch.float64).mean().item()
+    rows, columns = distance_blocks(len(queries), len(centres), queries.dtype, memory_budget, queries.device)
+    covered = torch.zeros((), dtype=torch.int64, device=queries.device)
+    for start in range(0, len(queries), rows):
+        block = queries[start:start + rows]
+        inside = torch.zeros(len(block), dtype=torch.bool, device=queries.device)
+        for column in range(0, len(centres), columns):
+            inside |= (torch.cdist(block, centres[column:column + columns]) <= radii[column:column + columns]).any(1)
+        covered += inside.sum()
+    return covered.item() / len(queries)
 
 
-def precision_recall(generated: Tensor, real: Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(generated: Tensor, real: Tensor, k: int = 3,
+                     memory_budget: int | str | None = None) -> tuple[float, float]:
     """Precision: generated points inside the real manifold (the union of real k-NN balls); recall: real points
-    inside the generated manifold (Kynkaanniemi et al. 2019)."""
+    inside the generated manifold (Kynkaanniemi et al. 2019). In blocks within the memory budget."""
     real = real.to(generated.device, generated.dtype)
-    precision = coverage(generated, real, kth_neighbour_radii(real, k))
-    recall = coverage(real, generated, kth_neighbour_radii(generated, k))
+    precision = coverage(generated, real, kth_neighbour_radii(real, k, memory_budget), memory_budget)
+    recall = coverage(real, generated, kth_neighbour_radii(generated, k, memory_budget), memory_budget)
     return precision, recall
+
+
+def root_mean_square_difference(first: Tensor, second: Tensor, memory_budget: int | str | None = None) -> float:
+    """sqrt(mean((first - second)^2)) over all elements, in float64, summed over blocks of rows."""
+    numel = first[:1].numel()
+    rows = max(1, memory.memory_budget(first.device, memory_budget).working // (3 * max(numel, 1) * 8))
+    total = torch.zeros((), dtype=torch.float64, device=first.device)
+    for start in range(0, len(first), rows):
+        difference = first[start:start + rows].to(torch.float64) - second[start:start + rows].to(first.device,
+                                                                                               torch.float64)
+        total += difference.square().sum()
+    return (total / first.numel()).sqrt().item()
