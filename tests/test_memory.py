@@ -13,6 +13,7 @@ from bench.core.memory import BUDGET_ENV, Budget, measure_peak, memory_budget, p
 from bench.core.sampling import agreement_tolerance
 from bench.errors import BenchError
 from bench.measure.distances import feature_statistics, root_mean_square_difference
+from bench.measure.features import feature_space_for
 
 
 class Recording:
@@ -142,6 +143,17 @@ def test_the_cell_check_counts_what_metrics_keep():
 
 
 # ---------------------------------------------------------------------------------------- measuring stages
+
+def test_features_are_extracted_in_batches(gmm_image):
+    x = torch.randn(500, 3, 16, 16)
+    calls = []
+    space = feature_space_for(gmm_image)
+    extract = space.extract
+    space.extract = lambda batch: calls.append(len(batch)) or extract(batch)
+    features = space(x, memory_budget="1MB")  # a quarter for a batch: 6 kB of float64 each with the margin
+    assert len(calls) > 5 and sum(calls) == 500 and calls[0] == memory.PROBE_SAMPLES
+    assert torch.equal(features, x.reshape(500, -1).double())
+
 
 def test_statistics_and_rms_in_blocks_equal_one_block():
     generator = torch.Generator().manual_seed(0)
