@@ -201,7 +201,8 @@ def too_large(what: str, needed: int, limit: int, budget: Budget, n: int, keeps:
     raise_to = needed * budget.bytes / limit * 1.1  # with a tenth to spare
     raise_to = f"{math.ceil(raise_to / 1e9)}GB" if raise_to >= 1e9 else f"{math.ceil(raise_to / 1e6)}MB"
     return BenchError(f"{what} at n = {n:,} keeps {format_size(needed)} ({keeps}: {format_size(per_sample)} a "
-                      f"sample), more than {allowed}; lower n to at most {int(limit // per_sample):,}, or raise the "
+                      f"sample), more than {allowed}; lower n below {int(limit // per_sample):,} (the batches need room "
+                      "beside what is kept), or raise the "
                       f"budget: {BUDGET_ENV}={raise_to} (or memory_budget= of bench.sample)")
 
 
@@ -280,6 +281,12 @@ class _TensorBytes(TorchDispatchMode):
         self.alive: dict[int, list[int]] = {}  # storage address -> [bytes, tensors seen on it still alive]
         self.current = 0
         self.peak = 0
+        self._finalizers: list[weakref.finalize] = []
+
+    def __exit__(self, *exc_info):
+        for finalizer in self._finalizers:  # tensors that outlive the count (results, caches) forget it
+            finalizer.detach()
+        return super().__exit__(*exc_info)
 
     def _release(self, address: int) -> None:
         entry = self.alive.get(address)
@@ -304,7 +311,7 @@ class _TensorBytes(TorchDispatchMode):
                 self.current += entry[0]
                 self.peak = max(self.peak, self.current)
             entry[1] += 1
-            weakref.finalize(tensor, self._release, address)
+            self._finalizers.append(weakref.finalize(tensor, self._release, address))
         return out
 
 
