@@ -22,9 +22,14 @@ def default_suite() -> Path:
 def command_run(args: argparse.Namespace) -> int:
     from bench.sweep.runner import run_suite, store_path
     from bench.sweep.suite import load_suite
+    from bench.sweep.validate import LIMIT_FLAGS
 
-    suite = load_suite(args.suite or default_suite(), device=args.device)
+    limits = {name: getattr(args, f"limit_{name}") for name in LIMIT_FLAGS
+              if getattr(args, f"limit_{name}") is not None}  # --max-cells etc.: over the suite's [limits]
+    suite = load_suite(args.suite or default_suite(), device=args.device, limits=limits)
+    # the suite's name is a plain file stem (bench.sweep.validate.suite_name): these are the only places written
     report_path = Path(args.report) if args.report else Path("reports") / f"{suite.name}.html"
+    _check_outputs(Path(args.out), report_path)
     try:
         summary = run_suite(suite, args.out, progress=not args.quiet, executor=args.executor, shards=args.shards,
                             ray_address=args.ray_address, ray_workers=args.ray_workers, rerun=args.rerun,
@@ -65,6 +70,18 @@ def _write_suite_report(suite, store: Path, report_path: Path, interrupted: bool
     write_report(results, report_path, title=f"samplerbench: {suite.name}",
                  provenance=_provenance(store, suite_path=str(suite.path)), sample_grids=read_grids(store),
                  notice=notice)
+
+
+def _check_outputs(out: Path, report: Path) -> None:
+    """--out must be (or become) a directory and --report a file, found out before anything runs."""
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {str(out)!r} is a file; give a directory for the results store")
+    if report.is_dir():
+        raise BenchError(f"--report {str(report)!r} is a directory; give the path of the HTML file to write")
+    for path, flag in ((out, "--out"), (report, "--report")):
+        existing = next((parent for parent in path.parents if parent.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise BenchError(f"{flag} {str(path)!r} lies under {str(existing)!r}, which is a file, not a directory")
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -120,6 +137,16 @@ def _provenance(store: Path, suite_path: str | None = None) -> dict[str, str]:
     return provenance
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 2**63 - 1; got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="samplerbench", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -140,6 +167,15 @@ def parser() -> argparse.ArgumentParser:
                      help="stop a cell after this long and record it as failed (default: the suite's cell_timeout, "
                           "else 3600)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    from bench.sweep.validate import LIMIT_FLAGS, Limits
+
+    limits = run.add_argument_group("size limits", "raise the limits a suite is checked against, which catch typos "
+                                    "before hours of compute (a suite's [limits] table raises them too)")
+    meaning = {"cells": "cells in the suite", "samples_per_cell": "n, the samples per cell",
+               "samples": "samples in all, n x cells", "nfe": "the largest NFE budget"}
+    for name, flag in LIMIT_FLAGS.items():
+        limits.add_argument(flag, dest=f"limit_{name}", type=_positive, metavar="N",
+                            help=f"{meaning[name]} (default: {getattr(Limits(), name):,})")
     run.set_defaults(handler=command_run)
     listing = commands.add_parser("list", help="plugins and what each registered")
     listing.set_defaults(handler=command_list)

@@ -16,12 +16,12 @@ import torch
 import torchdiffeq
 from torch import Tensor
 
-from bench.hookspecs import hookimpl
 from bench.core.solver import AdaptiveSolver, Denoise, Noise, Plan
+from bench.hookspecs import hookimpl
 
 
 class RK45(AdaptiveSolver):
-    order = 5
+    order = 5  # Dormand-Prince's; as an adaptive solver, its error follows rtol/atol
 
     def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
         sigma_max, sigma_min = sigmas[0].item(), sigmas[1].item()
@@ -30,7 +30,8 @@ class RK45(AdaptiveSolver):
             return x - denoise(x, log_sigma.exp())
 
         log_sigmas = torch.tensor([math.log(sigma_max), math.log(sigma_min)], dtype=x.dtype, device=x.device)
-        x_sigma_min = torchdiffeq.odeint(velocity, x, log_sigmas, method="dopri5", rtol=self.rtol, atol=self.atol)[-1]
+        x_sigma_min = torchdiffeq.odeint(velocity, x, log_sigmas, method="dopri5",
+                                         rtol=self.config.rtol, atol=self.config.atol)[-1]
         return denoise(x_sigma_min, sigma_min)
 
 

@@ -11,10 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from bench.core.numerics import BETA_MAX, BETA_MIN, vp_sigma, vp_time
 from bench.hookspecs import hookimpl
-
-# The VP-SDE's linear beta schedule (Song et al. 2021), for the schedules uniform in VP time.
-BETA_MIN, BETA_MAX = 0.1, 20.0
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:
@@ -34,18 +32,10 @@ def logsnr(steps: int, model) -> Tensor:
     return _append_zero(log_sigmas.exp())
 
 
-def vp_sigma(t: Tensor, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX) -> Tensor:
-    """sigma(t) = sqrt(1 / alpha_bar(t) - 1) with log alpha_bar(t) = -(beta_d t^2 / 2 + beta_min t)."""
-    return torch.expm1(0.5 * (beta_max - beta_min) * t**2 + beta_min * t).sqrt()
-
-
-def vp_time(sigma: float, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX) -> float:
-    """The inverse of vp_sigma."""
-    beta_d = beta_max - beta_min
-    return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
-
-
 def _vp_time_grid(steps: int, model, power: float, beta_min: float, beta_max: float) -> Tensor:
+    if not 0 <= beta_min < beta_max:
+        raise ValueError(f"a VP schedule needs 0 <= beta_min < beta_max; got beta_min={beta_min!r}, "
+                         f"beta_max={beta_max!r}")
     t_max = vp_time(model.sigma_max, beta_min, beta_max)
     t_min = vp_time(model.sigma_min, beta_min, beta_max)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)

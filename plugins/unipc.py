@@ -19,12 +19,21 @@ and ``bh2``, B(h) = e^hh - 1.
 
 Steps and order: step i runs UniP-p_i and the corrector of step i - 1 runs with that step's order, p_i = min(order,
 i + 1) (warm-up), and with ``lower_order_final`` (UniPC's default, unlike DPM-Solver's only-below-15-steps) also
-p_i <= steps - i. The last step, to sigma = 0, is x0 = D(x; sigma_last) (DESIGN.md): it is exactly diffusers' first-
-order UniP step to sigma = 0 (``final_sigmas_type="zero"``), and it uses the estimate at the *predicted* last point,
-so a corrector there could not change the result: the official code skips it (``use_corrector = False`` when
-``step == steps``) and so do we; diffusers computes it and then discards it. NFE = steps.
+p_i <= steps - i. The last step, to sigma = 0, is x0 = D(x; sigma_last), the harness's common endpoint: it is
+exactly diffusers' first-order UniP step to sigma = 0 (``final_sigmas_type="zero"``), and it uses the estimate at the
+*predicted* last point, so a corrector there could not change the result: the official code skips it
+(``use_corrector = False`` when ``step == steps``) and so do we; diffusers computes it and then discards it.
+NFE = steps, one call per step: a step rule (bench.core.steps) whose state is the predicted point, where the model
+is evaluated, and the corrected point the last predictor step started from (UniPCState).
 
-Defaults follow diffusers (order 2, ``bh2``); the official code defaults to ``bh1`` (ANCHORS.md), which diffusers
+Global order. A few steps are of lower order than the rest, and each caps the global order at its local order: the
+first step (UniPC-1, local error O(h^3); uncorrected, UniP-1, O(h^2)), any step in ``disable_corrector``, and the
+step to sigma_last, which is never corrected (UniP-2 under ``lower_order_final``: O(h^3)). So UniPC-3 converges at
+order 3, not 4, and UniP-3 at 2. These steps' error constants are small (an error made near sigma_max shrinks by
+~sigma_data / sigma_max along the flow, and D barely moves in lambda near sigma_min), so from sigma_max = 80
+UniPC-3 still fits ~3.9 over 64..512 steps; on the range 0.5..2 it shows 3 (tests/test_multistep_solvers.py).
+
+Defaults follow diffusers (order 2, ``bh2``); the official code defaults to ``bh1``, which diffusers
 recommends for unconditional sampling below 10 steps. diffusers' ``bh1`` with ``final_sigmas_type="zero"`` returns
 NaN: its last step multiplies B(h) = -h = -inf by a zero correction (tests/test_multistep_parity.py).
 """
@@ -33,14 +42,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from torch import Tensor
 
+from bench.core.numerics import linear_combination, phi_functions
+from bench.core.options import SolverOptions, option
+from bench.core.steps import StepSolver, warmup_orders
 from bench.hookspecs import hookimpl
-from bench.core.multistep import History, linear_combination, step_pairs, warmup_orders
-from bench.core.solver import Denoise, Noise, Plan, Solver
 
 VARIANTS = ("bh1", "bh2")
 
@@ -57,17 +68,29 @@ def unipc_coefficients(h: float, r: Sequence[float], variant: str) -> tuple[floa
         # UniP-2 and UniC-1: the 1x1 system gives a_1 = 1/2 + O(h); the official code and diffusers use 1/2 itself,
         # which keeps the order
         return B, [0.5]
-    phi = math.expm1(hh) / hh  # phi_1(hh)
-    g, factorial = [], 1
-    for k in range(1, order + 1):
-        phi = (phi - 1 / factorial) / hh  # phi_(k+1)(hh)
-        g.append(hh * phi * factorial)  # hh phi_(k+1)(hh) k!
-        factorial *= k + 1
+    phis = phi_functions(hh, order + 1)
+    g = [hh * phis[k] * math.factorial(k) for k in range(1, order + 1)]  # hh phi_(k+1)(hh) k!
     R = np.array([[rm**k for rm in r] for k in range(order)])
     return B, np.linalg.solve(R, np.array(g) / B).tolist()
 
 
-class UniPC(Solver):
+def unipc_weights(h: float, r: Sequence[float], variant: str) -> tuple[float, list[float]]:
+    """The update x_next = e^-h x + (1 - e^-h) D_0 - B(h) sum_m a_m (D_m - D_0) / r_m as weights: that of x, and
+    those of D_0, D_1, ... (D_0 the newest estimate, at the step's start; D_m at r_m h from it in lambda)."""
+    B, a = unipc_coefficients(h, r, variant)
+    weights = [B * a_m / r_m for a_m, r_m in zip(a, r)]
+    return math.exp(-h), [-math.expm1(-h) + sum(weights), *(-weight for weight in weights)]
+
+
+class UniPCState(NamedTuple):
+    """UniPC's state at grid point i: ``x``, the predicted point, where the model is evaluated; ``x_prev``, the
+    corrected point at grid point i - 1, where the predictor step to x started (the corrector redoes that step)."""
+
+    x: Tensor
+    x_prev: Tensor
+
+
+class UniPC(StepSolver):
     """UniPC-p (``corrector=True``) or UniP-p (``corrector=False``), p = ``order`` in 1..3.
 
     ``disable_corrector`` lists steps whose predicted result is not corrected, with diffusers' meaning (step i's
@@ -75,77 +98,79 @@ class UniPC(Solver):
     guidance this way.
     """
 
-    stochastic = False
-
-    def __init__(self, order: int = 2, variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True,
-                 disable_corrector: Sequence[int] = ()) -> None:
-        if order not in (1, 2, 3):
-            raise ValueError(f"UniPC order must be 1, 2 or 3; got {order!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"UniPC variant must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}")
-        if any(not isinstance(step, int) or step < 0 for step in disable_corrector):
-            raise ValueError(f"disable_corrector must list step indices >= 0; got {list(disable_corrector)!r}")
-        self.order_option = order
-        self.variant = variant
-        self.corrector = bool(corrector)
-        self.lower_order_final = bool(lower_order_final)
-        self.disable_corrector = tuple(sorted(set(disable_corrector)))
+    @dataclass(frozen=True)
+    class Options(SolverOptions):
+        order: int = option(2, choices=(1, 2, 3))
+        variant: str = option("bh2", choices=VARIANTS)
+        corrector: bool = True
+        lower_order_final: bool = True
+        disable_corrector: tuple[int, ...] = option((), check=lambda steps: all(step >= 0 for step in steps),
+                                                    must="list step indices >= 0",
+                                                    convert=lambda steps: tuple(sorted(set(steps))))
 
     @property
-    def order(self) -> int:  # type: ignore[override]
-        """The nominal order: p for UniP-p, p + 1 for UniPC-p (Zhao et al.'s convergence results).
+    def nominal_order(self) -> int:
+        """p for UniP-p, p + 1 for UniPC-p (Zhao et al.'s convergence results)."""
+        return self.config.order + self.config.corrector
 
-        Strictly, two steps cap UniPC-3 at 3 as h -> 0: the first (UniPC-1, local error O(h^3)) and, under
-        ``lower_order_final``, the step to sigma_last (UniP-2, its corrector skipped). Their error constants are tiny
-        (an error made near sigma_max shrinks by ~sigma_data / sigma_max along the flow, and D barely moves in
-        lambda near sigma_min), so UniPC-3 shows order 4 down to errors of 1e-9 (tests/test_multistep_solvers.py).
-        """
-        return self.order_option + 1 if self.corrector else self.order_option
+    @property
+    def order(self) -> int:
+        return min(cap for cap, _ in self._caps())
 
-    def options(self) -> dict:
-        return {"order": self.order_option, "variant": self.variant, "corrector": self.corrector,
-                "lower_order_final": self.lower_order_final, "disable_corrector": self.disable_corrector}
+    @property
+    def order_note(self) -> str:
+        return "; ".join(why for cap, why in self._caps() if cap == self.order and cap < self.nominal_order)
 
-    def step_orders(self, steps: int) -> list[int]:
-        return warmup_orders(steps, self.order_option, self.lower_order_final)
+    def _caps(self) -> list[tuple[int, str]]:
+        """The global orders the steps allow, with why: a step of local error O(h^(q+1)) caps it at q + 1."""
+        p, config = self.config.order, self.config
+        corrected = config.corrector and 0 not in config.disable_corrector
+        caps = [(self.nominal_order, "its order"),
+                (3 if corrected else 2, f"its first step ({'UniPC-1' if corrected else 'UniP-1'}) caps it at "
+                                        f"{3 if corrected else 2}")]
+        last = min(p, 2) if config.lower_order_final else p
+        caps.append((last + 1, f"its uncorrected step to sigma_min (UniP-{last}) caps it at {last + 1}"))
+        for k in config.disable_corrector if config.corrector else ():
+            q = min(p, k + 1)  # the order of step k's predictor
+            if k > 0:
+                caps.append((q + 1, f"step {k}, left uncorrected (UniP-{q}), caps it at {q + 1}"))
+        return caps
 
-    def plan(self, nfe: int) -> Plan:
-        plan = super().plan(nfe)
-        return replace(plan, orders=tuple(self.step_orders(plan.steps)))
+    @property
+    def history(self) -> int:
+        return self.config.order + self.config.corrector  # the corrector adds the estimate at the predicted point
 
-    def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
-        orders = self.step_orders(len(sigmas) - 1)
-        history = History(self.order_option)  # (lambda, denoised) of the last steps, newest last
-        x_start = None  # the (corrected) point the last predictor step started from
-        for i, sigma, sigma_next in step_pairs(sigmas):
-            denoised = denoise(x, sigma)  # at the predicted point
-            if sigma_next == 0:
-                return denoised  # x0 = D(x; sigma_last); a corrector here could not change it
-            lambda_ = -math.log(sigma)
-            if i > 0 and self.corrector and i - 1 not in self.disable_corrector:
-                # UniC: redo the last step, from where it started, with this estimate as one more point (r = 1)
-                x = self.update(x_start, history, lambda_, orders[i - 1], denoised)
-            history.push((lambda_, denoised))
-            x_start = x
-            x = self.update(x, history, -math.log(sigma_next), orders[i])  # UniP
-        return x
+    def step_orders(self, steps: int) -> tuple[int, ...]:
+        return warmup_orders(steps, self.config.order, self.config.lower_order_final)
 
-    def update(self, x: Tensor, history: History, lambda_next: float, order: int,
+    def initial_state(self, x: Tensor) -> UniPCState:
+        return UniPCState(x, x)
+
+    def point(self, state: UniPCState) -> Tensor:
+        return state.x
+
+    def step(self, i: int, state: UniPCState, denoised: tuple[Tensor, ...], sigmas: Tensor,
+             orders: tuple[int, ...], noise: Tensor | None) -> UniPCState:
+        lambdas = [-math.log(sigmas[j].item()) for j in range(i + 1 - len(denoised), i + 2)]  # of each D, then next
+        x = state.x
+        if i > 0 and self.config.corrector and i - 1 not in self.config.disable_corrector:
+            # UniC: redo the last step, from where it started, with the estimate at the predicted point as one more
+            # point (r = 1)
+            x = self.update(state.x_prev, denoised[:-1], lambdas[:-2], lambdas[-2], orders[i - 1], denoised[-1])
+        return UniPCState(self.update(x, denoised, lambdas[:-1], lambdas[-1], orders[i]), x)  # UniP
+
+    def update(self, x: Tensor, denoised: Sequence[Tensor], lambdas: Sequence[float], lambda_next: float, order: int,
                denoised_next: Tensor | None = None) -> Tensor:
-        """One UniP-``order`` step from the newest point of ``history`` to lambda_next, or, given the estimate
-        ``denoised_next`` at the predicted point, the UniC-``order`` step that replaces it."""
-        lambda_, denoised = history[-1]
-        h = lambda_next - lambda_
-        # the divided differences of the estimates: order - 1 past ones for UniP, plus the new one for UniC
-        points = [history[-1 - m] for m in range(1, order)]
+        """One UniP-``order`` step from the newest of ``denoised`` (at lambdas[-1]) to lambda_next, or, given the
+        estimate ``denoised_next`` at the predicted point, the UniC-``order`` step that replaces it."""
+        h = lambda_next - lambdas[-1]
+        # the estimates of the divided differences: order - 1 past ones for UniP, plus the new one for UniC
+        points = [(lambdas[-1 - m], denoised[-1 - m]) for m in range(1, order)]
         if denoised_next is not None:
             points.append((lambda_next, denoised_next))
-        r = [(lambda_m - lambda_) / h for lambda_m, _ in points]
-        B, a = unipc_coefficients(h, r, self.variant)
-        # the DDIM step e^-h x - (e^-h - 1) D, minus sum_m (B a_m / r_m) (D_m - D), as one linear combination
-        weights = [B * a_m / r_m for a_m, r_m in zip(a, r)]
-        return linear_combination(x, math.exp(-h), [denoised, *(denoised_m for _, denoised_m in points)],
-                                  [-math.expm1(-h) + sum(weights), *(-weight for weight in weights)])
+        x_weight, weights = unipc_weights(h, [(lambda_m - lambdas[-1]) / h for lambda_m, _ in points],
+                                          self.config.variant)
+        return linear_combination(x, x_weight, [denoised[-1], *(denoised_m for _, denoised_m in points)], weights)
 
 
 @hookimpl

@@ -14,6 +14,16 @@ from helpers import assert_same_samples, write_suite
 from plugins.metrics import _true_moments
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the analytic models' small matrix products gain nothing from a second thread, and on a shared machine two
+    # torch threads spin-wait on each other (gmm-image: 1.4 ms per call on one thread, 50 ms on two under load)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_rk45_error_follows_its_tolerance(gmm2d):
     reference = reference_for(gmm2d, 64)
     previous_nfe = 0

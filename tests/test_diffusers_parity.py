@@ -35,6 +35,11 @@ from plugins.discrete import discrete_timesteps  # noqa: E402
 PARITY = 1e-4  # float32, same noise, same timesteps
 N = 4  # samples per parity run
 
+
+def within_a_factor_of_two(deviation: float, measured: float) -> bool:
+    """A quirk's deviation is of the measured size: the exact value moves with x_T and the UNet's random weights
+    (a float32 network on random inputs), so the test pins its order and then reproduces it to parity."""
+    return measured / 2 <= deviation <= measured * 2
 # diffusers 0.42 with numpy 2 warns on every set_timesteps (np.array of a torch tensor with copy=False): not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -101,7 +106,7 @@ def test_ddim_steps_to_t_minus_T_over_N_whatever_the_spacing(model, unet, spacin
     out = ours(model, "ddim", steps, spacing)
     scheduler = ddim_scheduler(timestep_spacing=spacing)
     theirs = run_diffusers(scheduler, unet, out.x_T, steps, eta=0.0)
-    assert relative_deviation(out.x, theirs) == pytest.approx(measured, rel=0.05)
+    assert within_a_factor_of_two(relative_deviation(out.x, theirs), measured)
     quirk = ddim_with_diffusers_steps(model, out.x_T, scheduler.timesteps.tolist(), 1000 // steps, 1.0)
     assert relative_deviation(quirk, theirs) <= PARITY
 
@@ -115,7 +120,7 @@ def test_ddim_without_alpha_one_stops_at_timestep_zero(model, unet):
     out = ours(model, "ddim", 10, "leading")
     scheduler = ddim_scheduler(timestep_spacing="leading", set_alpha_to_one=False)
     theirs = run_diffusers(scheduler, unet, out.x_T, 10, eta=0.0)
-    assert relative_deviation(out.x, theirs) == pytest.approx(7.8e-5, rel=0.05)
+    assert within_a_factor_of_two(relative_deviation(out.x, theirs), 7.8e-5)
     quirk = ddim_with_diffusers_steps(model, out.x_T, scheduler.timesteps.tolist(), 100,
                                       float(scheduler.alphas_cumprod[0]))
     assert relative_deviation(quirk, theirs) <= 1e-6
@@ -143,7 +148,7 @@ def test_ddim_clip_sample_is_not_ddim(model, unet):
     clipped = DDIMScheduler(**tiny_scheduler_config(), timestep_spacing="leading")
     assert clipped.config.clip_sample  # diffusers' default
     theirs = run_diffusers(clipped, unet, out.x_T, 10, eta=0.0)
-    assert relative_deviation(out.x, theirs) == pytest.approx(108, rel=0.05)
+    assert within_a_factor_of_two(relative_deviation(out.x, theirs), 108)
     assert theirs.abs().max() <= 1  # the last step returns the clipped x0
     # with use_clipped_model_output=True eps is re-derived from the clipped x0, (x - clip(D)) / sigma: that is
     # exactly our ddim on the denoiser clip(D)
@@ -182,7 +187,7 @@ def test_euler_linspace_keeps_fractional_timesteps(model, unet):
     out = ours(model, "euler", 7, "linspace")
     scheduler = EulerDiscreteScheduler(**tiny_scheduler_config(), timestep_spacing="linspace")
     theirs = run_diffusers(scheduler, unet, out.x_T, 7)
-    assert relative_deviation(out.x, theirs) == pytest.approx(2.8e-4, rel=0.05)
+    assert within_a_factor_of_two(relative_deviation(out.x, theirs), 2.8e-4)
     assert scheduler.timesteps[1] == 832.5
     # the timesteps are the whole difference: given ours, diffusers agrees
     timesteps = discrete_timesteps(7, 1000, "linspace").tolist()
@@ -250,7 +255,7 @@ def test_heun_linspace_keeps_fractional_timesteps(model, unet):
     out = ours(model, "heun", 7, "linspace")
     scheduler = HeunDiscreteScheduler(**tiny_scheduler_config(), timestep_spacing="linspace")
     theirs = run_diffusers(scheduler, unet, out.x_T, 7)
-    assert relative_deviation(out.x, theirs) == pytest.approx(6.9e-4, rel=0.05)
+    assert within_a_factor_of_two(relative_deviation(out.x, theirs), 6.9e-4)
     theirs = run_diffusers(scheduler, unet, out.x_T, 7, timesteps=discrete_timesteps(7, 1000, "linspace").tolist())
     assert relative_deviation(out.x, theirs) <= PARITY
 

@@ -4,8 +4,8 @@ DPMSolverSinglestepScheduler.
 Every test samples the same tiny random UNet (tests/peers.py) from the same x_T on the same timesteps (the
 `discrete` schedule, convention "multistep": both schedulers take round(linspace(0, 999, N + 1)) without t = 0) and
 asserts a relative deviation <= 1e-4 in float32 (measured: 1.9e-7 to 4.8e-7, float32 rounding: diffusers computes its
-coefficients in float32, we in float64). diffusers is configured as DESIGN.md's common endpoint asks:
-final_sigmas_type="zero", lower_order_final=True, euler_at_final=False. What cannot match is pinned and explained:
+coefficients in float32, we in float64). diffusers is configured for the harness's common endpoint,
+x0 = D(x; sigma_last): final_sigmas_type="zero", lower_order_final=True, euler_at_final=False. What cannot match is pinned and explained:
 
 - lower_order_final: diffusers lowers the second-to-last step only below 15 steps; bench.core.multistep.warmup_orders
   lowers it whenever asked. At >= 15 steps the tests set our lower_order_final=False, which is diffusers' order
@@ -36,10 +36,11 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSingl
 
 import bench  # noqa: E402
 from bench.core.denoiser import CountingDenoiser  # noqa: E402
-from bench.core.multistep import singlestep_intervals, warmup_orders  # noqa: E402
+from bench.core.singlestep import singlestep_intervals  # noqa: E402
 from bench.core.noise import NoiseStream, gaussian  # noqa: E402
 from bench.core.sampling import get_solver, make_sigmas  # noqa: E402
 from bench.core.solver import Plan  # noqa: E402
+from bench.core.steps import warmup_orders  # noqa: E402
 from peers import CountingUNet, relative_deviation, run_diffusers, tiny_scheduler_config  # noqa: E402
 from plugins.dpm_solver import dpm_solver_1, dpm_solver_2, noise_prediction  # noqa: E402
 from plugins.dpm_solver_pp import dpm_solver_pp_1, dpm_solver_pp_2s  # noqa: E402

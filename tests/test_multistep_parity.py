@@ -5,7 +5,7 @@ The UNet tests sample the same tiny random UNet (tests/peers.py) from the same x
 `discrete` schedule: "multistep" convention for UniPC and DEIS, DDIM's for PNDM) and compare in float32; target
 <= 1e-4 relative, measured 2e-7 to 4e-7 (float32 rounding: diffusers computes its coefficients in float32).
 
-Where diffusers ends somewhere else than D(x; sigma_last), the harness's common endpoint (DESIGN.md), the test pins
+Where diffusers ends somewhere else than D(x; sigma_last), the harness's common endpoint, the test pins
 the measured difference of the final samples and compares ours with the x0 of diffusers' last model call, D at its
 last point: equal to parity, which shows that the last step is the whole difference.
 

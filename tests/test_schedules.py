@@ -7,7 +7,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.core.sampling import make_sigmas
-from plugins.schedules import vp_sigma, vp_time
+from bench.core.numerics import vp_sigma, vp_time
 
 SCHEDULES = ["karras", "logsnr", "time-uniform", "time-quadratic"]
 

@@ -25,6 +25,16 @@ CASES = {  # model -> (samples, step counts); gmm-image is 768-dimensional: fewe
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the analytic models' small matrix products gain nothing from a second thread, and on a shared machine two
+    # torch threads spin-wait on each other (gmm-image: 1.4 ms per call on one thread, 50 ms on two under load)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def references():
     cache = {}
@@ -96,3 +106,11 @@ def test_the_last_step_lands_on_the_denoiser(gmm2d):
     expected = gmm2d(out.x_T, torch.full((8,), gmm2d.sigma_max, dtype=torch.float64))
     assert torch.equal(out.x, expected)
     assert math.isclose(out.sigmas[0].item(), gmm2d.sigma_max)
+
+
+def test_convergence_tool_reads_solver_options():
+    from bench.tools.convergence import parse_solver
+
+    assert parse_solver("unipc,order=3,corrector=True,disable_corrector=[0,1],variant=bh1,lower_order_final=false") \
+        == ("unipc", {"order": 3, "corrector": True, "disable_corrector": [0, 1], "variant": "bh1",
+                      "lower_order_final": False})

@@ -59,7 +59,7 @@ def load_model(name: str, device: str | torch.device = "cpu", *, plugins: Plugin
     loader = (plugins or manager()).get("model", name).obj
     try:
         return loader(device=device, **options)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # an option the loader does not take, or a value it refuses
         raise BenchError(f"model {name!r}: {error}") from None
 
 
@@ -74,11 +74,13 @@ def make_sigmas(schedule: str, steps: int, model: Denoiser, plugins: PluginManag
     fn = (plugins or manager()).get("schedule", schedule).obj
     try:
         sigmas = torch.as_tensor(fn(steps, model, **options), dtype=torch.float64).cpu()
-    except TypeError as error:
-        raise BenchError(f"schedule {schedule!r}: {error}") from None
-    if sigmas.shape != (steps + 1,) or sigmas[-1] != 0 or not bool((sigmas[1:] < sigmas[:-1]).all()):
+    except (TypeError, ValueError, ArithmeticError) as error:  # options it does not take, or values it cannot use
+        raise BenchError(f"schedule {schedule!r} with {options or 'no options'}: {type(error).__name__}: "
+                         f"{error}") from None
+    if (sigmas.shape != (steps + 1,) or sigmas[-1] != 0 or not bool((sigmas[1:] < sigmas[:-1]).all())
+            or not bool(torch.isfinite(sigmas).all())):
         raise BenchError(f"schedule {schedule!r} returned {sigmas.tolist()} for {steps} steps; a schedule must give "
-                         f"{steps + 1} strictly decreasing sigmas ending with 0")
+                         f"{steps + 1} finite, strictly decreasing sigmas ending with 0")
     return sigmas
 
 

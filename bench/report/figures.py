@@ -2,26 +2,27 @@
 where follows its metadata (bench.report.data.MetricInfo): every metric against counted NFE, on a log axis when it
 spans decades; the headline quality metric against wall-clock with the Pareto front; fidelity against diversity
 (precision against recall); and, when guidance varies, both against the guidance scale.
+
+Every text of a figure that comes from a store or a plugin (trace names, titles, axis titles, hover text) goes
+through bench.report.escape.plot_text, because plotly renders them as a small HTML dialect.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 from plotly.colors import qualitative
 
 from bench.report.data import MetricInfo, has, pareto_front
+from bench.report.escape import plot_text
 
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross", "pentagon")
-PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 SECONDS_TITLE = "wall-clock per cell [s]"
 
 
@@ -47,11 +48,6 @@ def styles_for(agg: pd.DataFrame) -> dict[str, Style]:
     return styles
 
 
-def _plot_text(text: str) -> str:
-    """Plotly renders names and titles as pseudo-HTML; escaping shows markup as literal text instead."""
-    return html.escape(str(text), quote=False)
-
-
 def _error_bars(points: pd.DataFrame, column: str) -> dict | None:
     std = points.get(f"{column}_std")
     if std is None or not std.notna().any():
@@ -62,11 +58,11 @@ def _error_bars(points: pd.DataFrame, column: str) -> dict | None:
 def _new_figure(title: str, x_title: str, y_title: str, *, log_x: bool, log_y: bool) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(
-        title=_plot_text(title), template="plotly_white", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        title=plot_text(title), template="plotly_white", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
         legend={"font": {"size": 11}},
     )
-    fig.update_xaxes(title_text=_plot_text(x_title), type="log" if log_x else "linear")
-    fig.update_yaxes(title_text=_plot_text(y_title), type="log" if log_y else "linear")
+    fig.update_xaxes(title_text=plot_text(x_title), type="log" if log_x else "linear")
+    fig.update_yaxes(title_text=plot_text(y_title), type="log" if log_y else "linear")
     return fig
 
 
@@ -79,7 +75,7 @@ def _series_traces(fig: go.Figure, agg: pd.DataFrame, styles: dict[str, Style], 
             continue
         style = styles[series]
         fig.add_trace(go.Scatter(
-            x=points[x], y=points[y], mode=mode, name=_plot_text(series), legendgroup=_plot_text(series),
+            x=points[x], y=points[y], mode=mode, name=plot_text(series), legendgroup=plot_text(series),
             line={"color": style.color, "dash": style.dash},
             marker={"color": style.color, "symbol": style.symbol, "size": 7},
             error_y=_error_bars(points, y) if error_bars else None,
@@ -107,7 +103,7 @@ def _pareto_figure(agg: pd.DataFrame, styles: dict[str, Style], info: MetricInfo
             x=front["seconds"], y=front[info.name], mode="lines+markers", name="Pareto front", line_shape="hv",
             line={"color": "black", "width": 1.5}, marker={"color": "rgba(0,0,0,0)", "size": 13,
                                                              "line": {"color": "black", "width": 1.5}},
-            text=[_plot_text(f"{s} @ NFE {n:g}") for s, n in zip(front["series"], front["nfe"])],
+            text=[plot_text(f"{s} @ NFE {n:g}") for s, n in zip(front["series"], front["nfe"])],
             hovertemplate="%{text}<br>%{x:.3g} s<br>%{y:.4g}<extra>Pareto front</extra>",
         ))
     return fig
@@ -132,7 +128,7 @@ def _vs_guidance(done: pd.DataFrame, styles: dict[str, Style], info: MetricInfo)
         points = top.groupby("guidance", sort=True)[info.name].mean()
         name = label if done["schedule"].nunique() == 1 else f"{label} · {schedule}"
         style = styles.get(next(iter(top["series"])), None)
-        fig.add_trace(go.Scatter(x=points.index, y=points.values, mode="lines+markers", name=_plot_text(name),
+        fig.add_trace(go.Scatter(x=points.index, y=points.values, mode="lines+markers", name=plot_text(name),
                                  line={"color": style.color} if style else None,
                                  hovertemplate="w=%{x:g}<br>%{y:.4g}<extra></extra>"))
     return fig
@@ -150,7 +146,7 @@ def _fidelity_diversity_by_guidance(agg: pd.DataFrame, fidelity: MetricInfo, div
         x=points[diversity.name], y=points[fidelity.name], mode="markers", name="cells",
         marker={"color": points["guidance_key"], "colorscale": "Viridis", "showscale": True, "size": 9,
                 "colorbar": {"title": "w"}},
-        text=[_plot_text(f"{s} @ NFE {n:g}") for s, n in zip(points["series"], points["nfe"])],
+        text=[plot_text(f"{s} @ NFE {n:g}") for s, n in zip(points["series"], points["nfe"])],
         hovertemplate="%{text}<br>x %{x:.3f}, y %{y:.3f}<extra></extra>"))
     return fig
 
@@ -162,7 +158,8 @@ def headline(infos: Mapping[str, MetricInfo], frame: pd.DataFrame, axis: str = "
 
 def figures(agg: pd.DataFrame, done: pd.DataFrame, styles: dict[str, Style],
             infos: Mapping[str, MetricInfo]) -> list[tuple[str, go.Figure]]:
-    """The model's figures as (id suffix, figure); a figure whose metric was never computed is left out."""
+    """The model's figures as (name, figure); a figure whose metric was never computed is left out. Names hold
+    metric names as they came from the store: the page slugs them into element ids."""
     present = [info for info in infos.values() if has(agg, info.name)]
     order = {"quality": 0, "diversity": 1, "fidelity": 2, "other": 3}
     result = [(f"{info.name}-vs-nfe", _vs_nfe(agg, styles, info.name, info.title, log_y=info.log_scale))
@@ -182,7 +179,3 @@ def figures(agg: pd.DataFrame, done: pd.DataFrame, styles: dict[str, Style],
             result.append((f"{quality.name}-vs-guidance", _vs_guidance(done, styles, quality)))
     return result
 
-
-def figure_html(fig: go.Figure, div_id: str) -> str:
-    # Fixed div ids keep the report reproducible (plotly would otherwise pick random ones).
-    return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=PLOT_CONFIG)

@@ -1,18 +1,19 @@
 """The report page: one self-contained HTML file of a sweep, with a section per model (figures, sample grids, the
 best series per budget, every cell) and the provenance of every number.
 
-The file opens offline: the plotly.js bundle is embedded once in <head> and every figure is a bare <div> plus an
-inline script that draws into it. Metrics are not comparable across models, so each model gets its own section.
+The file opens offline: the plotly.js bundle is embedded once in <head>, every figure is an empty <div> and its
+JSON, and one fixed script draws them all (bench.report.scripts). Metrics are not comparable across models, so each
+model gets its own section.
 
-Every string that reaches the page from a config or a plugin (model names, labels, error text, provenance, the
-title) is HTML-escaped, in tables and in plots alike: plotly renders trace names and titles as a small HTML
-dialect, so an unescaped ``<a href=...>`` in a solver label would become live markup.
+The page runs no script but its own. Every string that reaches it from a store, a plugin or a config (model
+names, labels, metric names and titles, error text, provenance, the title) is escaped for its context by
+bench.report.escape: as HTML text, in attributes, slugged into ids, as plotly text, as JSON inside a script. And a
+Content-Security-Policy admits only the page's own scripts, so markup that slipped past escaping would not run.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 import tempfile
@@ -21,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.offline
 
 from bench.report.data import (MetricInfo, aggregate, best_per_budget, done, has, metric_infos, normalize,
                                with_series)
-from bench.report.figures import figure_html, figures, headline, styles_for
+from bench.report.escape import element_id, html_text, raw_text
+from bench.report.figures import figures, headline, styles_for
+from bench.report.scripts import (DRAW, PLOTLY_RUNTIME_STYLE, content_security_policy, figure_element,
+                                  plotly_bundle, policy_meta, script_element)
 
 
 def write_report(
@@ -64,11 +67,11 @@ def _fmt(value: object) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]],
            row_classes: Sequence[str] | None = None) -> str:
     """A plain HTML table; every cell and header is escaped."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "".join(f"<th>{html_text(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
-        cls = f' class="{html.escape(row_classes[i])}"' if row_classes and row_classes[i] else ""
-        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row)
+        cls = f' class="{html_text(row_classes[i])}"' if row_classes and row_classes[i] else ""
+        cells = "".join(f"<td>{html_text(_fmt(v))}</td>" for v in row)
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -98,10 +101,18 @@ def _cells_table(cells: pd.DataFrame, infos: Mapping[str, MetricInfo]) -> str:
 def _errors(row: pd.Series) -> str | None:
     """Why the cell failed, or which of its metrics failed (a failed metric spares the others)."""
     parts = [str(row["error"])] if isinstance(row.get("error"), str) else []
-    failed_metrics = row.get("metric_errors")
-    if isinstance(failed_metrics, str) and failed_metrics not in ("", "{}"):
-        parts += [f"metric {name!r} failed: {reason}" for name, reason in json.loads(failed_metrics).items()]
+    failed_metrics = _json_object(row.get("metric_errors"))
+    parts += [f"metric {name!r} failed: {reason}" for name, reason in failed_metrics.items()]
     return "\n".join(parts) or None
+
+
+def _json_object(text: object) -> dict:
+    """A JSON object from the store, or {} for anything else (an edited store may hold any text)."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _cell_value(value: object) -> object:
@@ -120,20 +131,27 @@ def _code_table(frame: pd.DataFrame) -> str:
         return ""
     rows = set()
     for text in frame["code"].dropna():
-        code = json.loads(text) if isinstance(text, str) else text
+        code = _json_object(text)  # an edited store: show what is readable, not a traceback
         harness = code.get("harness") or {}
-        if harness:
-            rows.add(("harness", "bench", "samplerbench", harness.get("samplerbench"),
+        if isinstance(harness, dict) and harness:
+            rows.add(("harness", "bench", "samplerbench", _json_text(harness.get("samplerbench")),
                       f"noise {harness.get('noise')}", str(harness.get("sha256", ""))[:16]))
         for role in ("model", "solver", "schedule", "metrics"):
             entries = code.get(role) or []
             for entry in entries if isinstance(entries, list) else [entries]:
-                rows.add((role.rstrip("s"), entry.get("name"), entry.get("plugin"), entry.get("distribution"),
-                          f"{entry.get('version')} ({entry.get('module')})", str(entry.get("sha256", ""))[:16]))
+                if isinstance(entry, dict):
+                    names = (_json_text(entry.get(key)) for key in ("name", "plugin", "distribution"))
+                    rows.add((role.rstrip("s"), *names, f"{entry.get('version')} ({entry.get('module')})",
+                              str(entry.get("sha256", ""))[:16]))
     if not rows:
         return ""
     header = ["role", "name", "plugin", "distribution", "version (module)", "source sha256"]
     return "<h3>Code</h3>" + _table(header, sorted(rows, key=lambda row: tuple(map(str, row))))
+
+
+def _json_text(value: object) -> str | None:
+    """A JSON value as table text; lists and objects become strings, so that rows stay hashable and sortable."""
+    return None if value is None else str(value)
 
 
 def _conditioning(cells: pd.DataFrame) -> str:
@@ -144,7 +162,7 @@ def _conditioning(cells: pd.DataFrame) -> str:
     text = {"none": "unconditional (no labels)",
             "balanced": "conditional, balanced labels (sample i is drawn for class i mod the number of classes)"}
     described = "; ".join(text.get(kind, kind) for kind in kinds) or "not recorded"
-    return f'<p class="note">Samples: {html.escape(described)}.</p>'
+    return f'<p class="note">Samples: {html_text(described)}.</p>'
 
 
 
@@ -164,11 +182,12 @@ th { background: #f3f3f3; } tr.failed td { background: #fdecea; }
 .notice { background: #fff4d6; border: 1px solid #e0b000; padding: 0.5em 0.8em; font-weight: bold; }
 td:last-child { white-space: pre-wrap; max-width: 40em; }
 .note { color: #555; } img.samples { max-width: 100%; image-rendering: pixelated; }
+div.plotly-graph-div { width: 100%; height: 420px; }
 """
 
 
 def _notice(notice: str | None) -> str:
-    return f'<p class="notice">{html.escape(notice)}</p>' if notice else ""
+    return f'<p class="notice">{html_text(notice)}</p>' if notice else ""
 
 
 def _summary(frame: pd.DataFrame) -> str:
@@ -177,7 +196,7 @@ def _summary(frame: pd.DataFrame) -> str:
     text = f"{len(frame)} cells: {done} done, {failed} failed, {frame['model'].nunique()} model(s)."
     if done == 0:
         text += " There are no completed cells, so there is nothing to plot."
-    return f"<p>{html.escape(text)}</p>"
+    return f"<p>{html_text(text)}</p>"
 
 
 def _notes(frame: pd.DataFrame, provenance: Mapping[str, str]) -> str:
@@ -190,12 +209,12 @@ def _notes(frame: pd.DataFrame, provenance: Mapping[str, str]) -> str:
     if feature_space:
         parts.append(f"FID / precision / recall features: {feature_space}.")
     parts.append("Lines show the mean over seeds (error bars: std across seeds); failed cells are not plotted.")
-    return f'<p class="note">{html.escape(" ".join(parts))}</p>'
+    return f'<p class="note">{html_text(" ".join(parts))}</p>'
 
 
 def _image(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f'<img class="samples" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img class="samples" alt="{html_text(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _sample_gallery(finished: pd.DataFrame, sample_grids: Mapping[str, bytes]) -> str:
@@ -212,7 +231,7 @@ def _sample_gallery(finished: pd.DataFrame, sample_grids: Mapping[str, bytes]) -
         images = "".join(
             f"<td>{_image(sample_grids[by_budget[b]], f'{series} at NFE {int(b)}') if b in by_budget else ''}</td>"
             for b in budgets)
-        rows.append(f"<tr><th>{html.escape(series)}</th>{images}</tr>")
+        rows.append(f"<tr><th>{html_text(series)}</th>{images}</tr>")
     return (f'<h3>Samples</h3><div class="gallery"><table><tr><th></th>{header}</tr>{"".join(rows)}</table>'
             "</div>")
 
@@ -220,14 +239,15 @@ def _sample_gallery(finished: pd.DataFrame, sample_grids: Mapping[str, bytes]) -
 def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[str, MetricInfo],
                    sample_grids: Mapping[str, bytes]) -> str:
     finished = with_series(done(cells))
-    parts = [f'<section id="model-{index}"><h2>Model: {html.escape(model)}</h2>', _conditioning(cells)]
+    parts = [f'<section id="{element_id("model", index)}"><h2>Model: {html_text(model)}</h2>', _conditioning(cells)]
     if finished.empty:
         parts.append("<p>No completed cells for this model.</p>")
     else:
         agg = aggregate(finished, ["seconds", *infos])
         styles = styles_for(agg)
-        divs = "".join(f"<div>{figure_html(fig, f'fig-{index}-{name}')}</div>"
-                       for name, fig in figures(agg, finished, styles, infos))
+        # the position ends the id: slugs of two metric names may coincide
+        divs = "".join(f"<div>{figure_element(fig, element_id('fig', index, name, position))}</div>"
+                       for position, (name, fig) in enumerate(figures(agg, finished, styles, infos)))
         parts.append(f'<div class="figures">{divs}</div>')
     parts.append(_sample_gallery(finished, sample_grids))
     parts.append(f"<h3>Best solver per NFE budget</h3>{_best_table(cells, infos)}")
@@ -238,14 +258,8 @@ def _model_section(index: int, model: str, cells: pd.DataFrame, infos: Mapping[s
 def _toc(models: Sequence[str]) -> str:
     if not models:
         return ""
-    items = "".join(f'<li><a href="#model-{i}">{html.escape(m)}</a></li>' for i, m in enumerate(models))
+    items = "".join(f'<li><a href="#{element_id("model", i)}">{html_text(m)}</a></li>' for i, m in enumerate(models))
     return f"<ul>{items}</ul>"
-
-
-def _plotly_script() -> str:
-    # "</script" inside the bundle would end the tag early; the bundle has none today, but make sure.
-    bundle = plotly.offline.get_plotlyjs().replace("</script", "<\\/script")
-    return f'<script type="text/javascript">{bundle}</script>'
 
 
 def _render_page(frame: pd.DataFrame, infos: Mapping[str, MetricInfo], *, title: str,
@@ -253,11 +267,19 @@ def _render_page(frame: pd.DataFrame, infos: Mapping[str, MetricInfo], *, title:
     models = sorted(frame["model"].unique())
     sections = "".join(
         _model_section(i, m, frame[frame["model"] == m], infos, sample_grids) for i, m in enumerate(models))
+    body = (f"<h1>{html_text(title)}</h1>{_notice(notice)}{_summary(frame)}{_notes(frame, provenance)}{_toc(models)}"
+            f"{sections}<h2>Provenance</h2>{_provenance_table(provenance)}{_code_table(frame)}")
+    return _document(title, body)
+
+
+def _document(title: str, body: str) -> str:
+    """The page around ``body``: the policy first in <head>, so that it covers every script and style after it."""
+    scripts, styles = (plotly_bundle(), DRAW), (CSS, PLOTLY_RUNTIME_STYLE)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><style>{CSS}</style>{_plotly_script()}</head>\n<body>"
-        f"<h1>{html.escape(title)}</h1>{_notice(notice)}{_summary(frame)}{_notes(frame, provenance)}{_toc(models)}"
-        f"{sections}<h2>Provenance</h2>{_provenance_table(provenance)}{_code_table(frame)}</body></html>\n"
+        f"{policy_meta(content_security_policy(scripts, styles))}<title>{html_text(title)}</title>"
+        f"<style>{raw_text(CSS)}</style>{script_element(plotly_bundle())}</head>\n"
+        f"<body>{body}{script_element(DRAW)}</body></html>\n"
     )
 
 

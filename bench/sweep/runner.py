@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.core.sampling import SampleOutput, load_model, make_sigmas
+from bench.core.sampling import SampleOutput, get_solver, load_model, make_sigmas
 from bench.errors import BenchError, unknown_name
 from bench.measure.features import FeatureSpace, feature_space_for, to_uint8
 from bench.measure.metrics import MetricContext, SharedCache, model_id
@@ -70,7 +70,7 @@ def prepare(suite: Suite, plugins: PluginManager) -> Prepared:
                              f"plugin must rename it (row columns: {', '.join(schema.NAMES)})")
     models: dict[tuple[Component, str], Any] = {}
     feature_spaces: dict[Component, FeatureSpace | None] = {}
-    checked: set[tuple[Component, Component, str | None, str, str]] = set()
+    checked: set[tuple] = set()
     for cell in suite.cells:
         if (cell.model, cell.device) not in models:
             model = load_model(cell.model.name, device=cell.device, plugins=plugins, **cell.model.kwargs)
@@ -79,15 +79,17 @@ def prepare(suite: Suite, plugins: PluginManager) -> Prepared:
                 feature_spaces.setdefault(cell.model, feature_space_for(model, suite.feature_extractor_weights_path))
             except BenchError:
                 feature_spaces.setdefault(cell.model, None)
-        what = (cell.model, cell.schedule, cell.guidance_type if cell.guidance is not None else None, cell.labels,
-                cell.device)
+        steps = (None if cell.tolerance is not None
+                 else get_solver(cell.solver.name, plugins, **cell.solver_options).plan(cell.nfe).steps)
+        what = (cell.model, cell.schedule, steps, cell.guidance_type if cell.guidance is not None else None,
+                cell.labels, cell.device)
         if what not in checked:
             checked.add(what)
-            _check_against_model(cell, models[cell.model, cell.device], plugins)
+            _check_against_model(cell, steps, models[cell.model, cell.device], plugins)
     return Prepared(models, feature_spaces)
 
 
-def _check_against_model(cell: Cell, model, plugins: PluginManager) -> None:
+def _check_against_model(cell: Cell, steps: int | None, model, plugins: PluginManager) -> None:
     name = cell.model.describe()
     conditional = model.num_classes is not None
     if cell.guidance is not None and not conditional:
@@ -97,9 +99,9 @@ def _check_against_model(cell: Cell, model, plugins: PluginManager) -> None:
     if cell.guidance is not None and cell.guidance_type == "classifier" and not hasattr(model, "class_log_posterior"):
         raise BenchError(f"guidance_type = \"classifier\" needs a model that knows its noisy-class posterior; "
                          f"{name!r} does not (use \"classifier-free\")")
-    if cell.tolerance is None:  # an adaptive solver picks its own grid
+    if steps is not None:  # an adaptive solver picks its own grid
         try:
-            make_sigmas(cell.schedule.name, 2, model, plugins, **cell.schedule.kwargs)
+            make_sigmas(cell.schedule.name, steps, model, plugins, **cell.schedule.kwargs)
         except BenchError as error:
             raise BenchError(f"solver {cell.solver.describe()!r}, model {name!r}: {error}") from None
 

@@ -1,11 +1,12 @@
 """What a solver costs outside the model: its own work per model call, next to its diffusers twin's.
 
 With a trivial denoiser (x * 0.1), a loop's time minus the time spent in the model is the solver's own overhead;
-both solvers run in the same process on the same device, so their ratio is meaningful on a shared machine. On the CPU, where every call is synchronous, the model's share is clocked inside
-the very run it belongs to (a separately timed model call is as large as the overhead itself and as noisy, and
-subtracting it gave negative figures); on CUDA, where clocking a call would need a sync, it is NFE times the
-bare call, timed alone. On CUDA, ours can also replay its loop as a CUDA graph. Both loops include their per-run
-set-up (diffusers' set_timesteps, our solvers' coefficients); the sigma grid itself is made before ours.
+both solvers run in the same process on the same device, so their ratio is meaningful on a shared machine. On the
+CPU, where every call is synchronous, the model's share is clocked inside the very run it belongs to (a separately
+timed model call is as large as the overhead itself and as noisy, and subtracting it gave negative figures); on
+CUDA, where clocking a call would need a sync, it is NFE times the bare call, timed alone. On CUDA, ours can also
+replay its loop as a CUDA graph. Both loops include their per-run set-up (diffusers' set_timesteps, our solvers'
+coefficients); the sigma grid itself is made before ours.
 
     python -m bench.tools.overhead --device cuda --batch 64 1024        # the table, one line per solver pair
 

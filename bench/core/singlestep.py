@@ -1,84 +1,15 @@
-"""Machinery shared by the higher-order solvers: half-log-SNR, the multistep history, order schedules.
-
-In the sigma parametrization (alpha = 1) the half-log-SNR is lambda = -log sigma, and the step size of the
-exponential integrators (DPM-Solver, DPM-Solver++, UniPC, DEIS) is h = lambda_next - lambda = log(sigma / sigma_next).
-Dividing a VP sample by alpha leaves lambda and every exponential-integrator update unchanged, so these solvers
-written in sigma are the VP papers' solvers exactly.
-"""
+"""Lu et al.'s singlestep methods (DPM-Solver, DPM-Solver++ singlestep): how a budget is split into steps of
+orders 1 to 3, and where each step evaluates the model inside its interval."""
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from bench.core.solver import Plan, Solver
-
-
-def half_log_snr(sigmas: Tensor) -> Tensor:
-    """lambda = -log sigma (float64); +inf at sigma = 0."""
-    return -sigmas.to(torch.float64).log()
-
-
-def step_pairs(sigmas: Tensor) -> Iterator[tuple[int, float, float]]:
-    """(index, sigma, sigma_next) for each step of the grid, as Python floats (no device sync in the loop)."""
-    values = sigmas.tolist()
-    for i, (sigma, sigma_next) in enumerate(zip(values[:-1], values[1:])):
-        yield i, sigma, sigma_next
-
-
-def warmup_orders(steps: int, order: int, lower_order_final: bool = True) -> list[int]:
-    """The order of each step of a multistep method: it can use at most i + 1 points at step i (warm-up), and
-    the last step, to sigma = 0, is first order. With ``lower_order_final`` the last steps before it also drop
-    order so that no step uses more points than remain (DPM-Solver++ and UniPC do this below ~15 steps, where
-    high-order steps near sigma = 0 are unstable)."""
-    orders = []
-    for i in range(steps):
-        remaining = steps - i
-        step_order = min(order, i + 1)
-        if lower_order_final:
-            step_order = min(step_order, remaining)
-        orders.append(step_order)
-    orders[-1] = 1
-    return orders
-
-
-def linear_combination(x: Tensor, x_weight: float, tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """x_weight x + sum_k weights[k] tensors[k], as a new tensor.
-
-    A multistep update is linear in the state and the stored denoiser outputs, with scalar coefficients; summing
-    it term by term reads and writes the state once per term, where the update written out as differences and
-    divided differences would take a pass (and a kernel launch) per operation. Solver steps are memory- or
-    launch-bound, so this is most of their cost.
-    """
-    combined = x * x_weight
-    for tensor, weight in zip(tensors, weights):
-        combined.add_(tensor, alpha=weight)
-    return combined
-
-
-class History:
-    """The last ``size`` values of a quantity (denoised estimates, their lambdas), newest last."""
-
-    def __init__(self, size: int) -> None:
-        self._items: deque = deque(maxlen=size)
-
-    def push(self, item) -> None:
-        self._items.append(item)
-
-    def __getitem__(self, back: int):
-        """history[-1] is the newest, history[-2] the one before."""
-        return self._items[back]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-# --- singlestep methods (DPM-Solver, DPM-Solver++ singlestep): order allocation and intermediate points ---
 
 # The intermediate points of a singlestep step of order k, as fractions r of its step h in lambda: DPM-Solver-2 at
 # the midpoint, DPM-Solver-3 at r1 = 1/3, r2 = 2/3 (Lu et al. 2022, section 3.3, the values the paper recommends).
@@ -101,8 +32,9 @@ def singlestep_orders(nfe: int, order: int) -> list[int]:
     fix (DPMSolverSinglestepScheduler with final_sigmas_type="zero"), and the better one: its first-order step to
     sigma_min is the stable "lower order final" step, where [..., 3, 2, 2, 1] puts two second-order steps near
     sigma_min, which noise-prediction DPM-Solver handles badly at few steps (gmm2d, karras, 5 calls: error 0.54
-    against 9.7). Its O(h^2) local error costs an order in the limit, but next to sigma_min its constant is small:
-    DPM-Solver-3 fits 2.96 over 64..512 steps ending [..., 3, 1, 1] and 2.98 ending [..., 3, 1].
+    against 9.7). Its O(h^2) local error caps those budgets at order 2, but next to sigma_min its constant, D's change
+    in lambda, is small: DPM-Solver-3 fits 2.96 over 64..512 steps ending [..., 3, 1, 1] and 2.98 ending [..., 3, 1]
+    from sigma_max = 80 to sigma_min = 0.002; over sigma in [0.5, 2] the cap shows (2.01 against 3.02).
     """
     if nfe < 1:
         raise ValueError(f"a singlestep plan needs an NFE budget >= 1; got {nfe}")
@@ -172,29 +104,24 @@ def _r1_r2(fractions: tuple[float, ...]) -> tuple[float | None, float | None]:
     return padded[0], padded[1]
 
 
-class SinglestepOrMultistep(Solver):
-    """The NFE accounting of Lu et al.'s solvers (DPM-Solver, DPM-Solver++), which run ``method`` "multistep" (one
-    call per step, warmup_orders) or "singlestep" (singlestep_orders; ``intermediates`` "lambda" places a step's
-    inner points between grid sigmas, anything else spends one grid interval per call). Subclasses set method,
-    order, lower_order_final and intermediates."""
-
-    method: str
-    order: int
-    lower_order_final: bool
-    intermediates: str
+class SinglestepSolver(Solver):
+    """The NFE accounting of Lu et al.'s singlestep solvers (DPM-Solver, DPM-Solver++ singlestep): DPM-Solver-fast
+    spends a budget exactly (singlestep_orders), on a grid of one sigma per step (``intermediates="lambda"``,
+    inner points between grid sigmas) or of one sigma per call (anything else). Subclasses declare the options
+    ``order`` and ``intermediates``."""
 
     def nfe_for_steps(self, steps: int) -> int:
-        """Multistep and grid intermediates: one call per interval of the grid. Singlestep on a grid of one sigma
-        per step: the most a plan of ``steps`` steps can spend, [order] * (steps - 1) + [1]."""
-        if self.method == "singlestep" and self.intermediates == "lambda":
-            return self.order * (steps - 1) + 1
+        """Grid intermediates: one call per interval of the grid. Lambda intermediates: the most a plan of
+        ``steps`` steps can spend, [order] * (steps - 1) + [1]."""
+        if self.config.intermediates == "lambda":
+            return self.config.order * (steps - 1) + 1
         return steps
 
-    def plan(self, nfe: int | None) -> Plan:
-        if self.method == "multistep":
-            plan = super().plan(nfe)
-            return Plan(plan.steps, plan.nfe, tuple(warmup_orders(plan.steps, self.order, self.lower_order_final)))
+    def plan(self, nfe: int) -> Plan:
         super().plan(nfe)  # the budget check
-        orders = singlestep_orders(nfe, self.order)  # DPM-Solver-fast spends the budget exactly
-        steps = len(orders) if self.intermediates == "lambda" else nfe
+        orders = singlestep_orders(nfe, self.config.order)  # DPM-Solver-fast spends the budget exactly
+        steps = len(orders) if self.config.intermediates == "lambda" else nfe
         return Plan(steps=steps, nfe=nfe, orders=tuple(orders))
+
+    def intervals(self, sigmas: Tensor, plan: Plan) -> list[SinglestepInterval]:
+        return singlestep_intervals(sigmas, plan.orders, self.config.intermediates)
