@@ -9,17 +9,19 @@ BIN := $(VENV)/bin
 # the stamp lives inside bin/: a venv whose programs are gone is reinstalled
 STAMP := $(BIN)/.installed
 LOCK := requirements.lock
+PEERS := requirements-peers.txt
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 
 .PHONY: run test bench gpu lock clean
 
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) $(PEERS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
+	$(BIN)/pip download --quiet --require-hashes --no-deps -r $(PEERS) -d $(VENV)/peers
 	touch $(STAMP)
 
 # Refresh the lock on purpose: resolve pyproject.toml's ranges (with the test extra) under constraints.txt, pin

@@ -174,3 +174,32 @@ def relative_deviation(ours: Tensor, theirs: Tensor) -> float:
     """||ours - theirs|| / ||theirs|| over the whole batch (Frobenius norms, computed in float64)."""
     ours, theirs = ours.to(torch.float64), theirs.to(torch.float64)
     return float((ours - theirs).norm() / theirs.norm())
+
+
+def k_diffusion_sampling():
+    """k-diffusion's sampling module (k_diffusion/sampling.py, release 0.1.1.post1), the peer of our k-diffusion-style
+    samplers, or a pytest skip when the peers are not downloaded.
+
+    `make` downloads the wheel, pinned by its hash in requirements-peers.txt, into .venv/peers/; it is never
+    installed, because the package's __init__ imports CLIP, wandb and the rest of a training stack that sampling.py
+    does not use. We stand in an empty package object for `k_diffusion` whose __path__ is the folder inside the wheel,
+    so that `k_diffusion.sampling` and the `utils` it imports load straight from the zip (torchsde, its one
+    dependency beyond ours, is in the lock's test extra).
+    """
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    import pytest
+
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    wheels = sorted((Path(sys.prefix) / "peers").glob("k_diffusion-*.whl"))
+    if not wheels:
+        pytest.skip(f"k-diffusion's wheel is not in {Path(sys.prefix) / 'peers'}: run `make test` (it downloads the "
+                    "peers of requirements-peers.txt)")
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [f"{wheels[-1]}/k_diffusion"]
+    sys.modules["k_diffusion"] = package
+    return importlib.import_module("k_diffusion.sampling")
