@@ -80,13 +80,16 @@ def parse_size(value: int | str, name: str = "memory budget") -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(value))
         if match is None or match[2].lower() not in _UNITS:
             raise BenchError(f"{name} {value!r} is not a size: give bytes or a number with one of the units "
                              "B, kB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 4GiB")
-        size = int(float(match[1]) * _UNITS[match[2].lower()])
+        number = float(match[1]) * _UNITS[match[2].lower()]
+        if not math.isfinite(number):
+            raise BenchError(f"{name} {value!r} is too large to be a size")
+        size = int(number)
     if size <= 0:
-        raise BenchError(f"{name} must be positive; got {value!r}")
+        raise BenchError(f"{name} must be positive (at least one byte); got {value!r}")
     return size
 
 
