@@ -6,13 +6,18 @@ cost: torch-fidelity takes the k-th nearest neighbour on the CPU (`kthvalue` aft
 the GPU) and the trace of sqrt(S1 S2) from a general eigensolver; here the k-NN radii are a `topk` on the device,
 and the trace from a Cholesky factor and one symmetric eigenvalue problem in float64 (torch-fidelity: a general
 eigensolver on S1 S2, 9x slower at d = 2048 on two CPU cores). Precision and recall can differ from
-torch-fidelity's only where a distance ties a k-NN radius to rounding (a different summation order inside cdist).
+torch-fidelity's only where a distance ties a k-NN radius to rounding (squared distances from one matrix product
+here, cdist's there).
 
 Memory: precision and recall cost n^2 distances, so they are computed in blocks of rows x columns whose distance
 matrix fits in a measuring stage's share of the memory budget (bench.core.memory): the k-NN radii keep a running
-k + 1 smallest per row across column blocks, the coverage tests a running "inside some ball" per row. Blocks
-change no value: each distance is computed alone, and a k-th smallest or an "any" does not depend on the order
-the columns come in. The statistics and the RMS difference are sums over row blocks.
+k + 1 smallest per row across column blocks, the coverage tests a running "inside some ball" per row. A k-th
+smallest or an "any" does not depend on the order the columns come in, and each squared distance is
+|a - c|^2 + |b - c|^2 - 2 (a - c).(b - c) about one centre c per set (its mean, the same for every block), so a
+block changes a distance only through the summation order of the matrix product: not at all where the products
+and sums are exact (tests/test_distances.py: integer points, bit for bit at any block size), by a few ulps of the
+largest squared norm otherwise. Balls are compared squared (|a - b|^2 <= r^2), with no square root to round. The
+statistics and the RMS difference are sums over row blocks.
 """
 
 from __future__ import annotations
@@ -79,19 +84,32 @@ def distance_blocks(rows: int, columns: int, dtype: torch.dtype,
     return block_rows, block_columns
 
 
+def squared_distances(rows: Tensor, columns: Tensor, centre: Tensor) -> Tensor:
+    """|a - b|^2 for every row a and column b, as |a - c|^2 + |b - c|^2 - 2 (a - c).(b - c): one matrix product.
+    Centring on c (the mean of the set, fixed for all blocks) keeps the cancellation small for data far from 0."""
+    rows, columns = rows - centre, columns - centre
+    return torch.addmm(rows.square().sum(1, keepdim=True) + columns.square().sum(1), rows, columns.T,
+                       alpha=-2).clamp_min_(0)
+
+
 def kth_neighbour_radii(features: Tensor, k: int, memory_budget: int | str | None = None) -> Tensor:
     """Distance from each point to its k-th nearest other point (the k + 1-th smallest, counting itself)."""
+    return _squared_radii(features, k, memory_budget).sqrt()
+
+
+def _squared_radii(features: Tensor, k: int, memory_budget: int | str | None) -> Tensor:
     n = len(features)
     if n <= k:
         raise ValueError(f"k-th nearest neighbours need more than k = {k} points; got {n}")
     rows, columns = distance_blocks(n, n, features.dtype, memory_budget, features.device)
+    centre = features.mean(0)
     radii = torch.empty(n, dtype=features.dtype, device=features.device)
     for start in range(0, n, rows):
         block = features[start:start + rows]
         nearest = features.new_empty(len(block), 0)  # the k + 1 smallest distances per row among columns seen
         for column in range(0, n, columns):
             part = features[column:column + columns]  # the block of distances lives only inside this line:
-            smallest = torch.cdist(block, part).topk(min(k + 1, len(part)), dim=1, largest=False).values
+            smallest = squared_distances(block, part, centre).topk(min(k + 1, len(part)), dim=1, largest=False).values
             candidates = torch.cat([nearest, smallest], dim=1)
             nearest = candidates.topk(min(k + 1, candidates.shape[1]), dim=1, largest=False).values
         radii[start:start + rows] = nearest[:, k]
@@ -99,14 +117,20 @@ def kth_neighbour_radii(features: Tensor, k: int, memory_budget: int | str | Non
 
 
 def coverage(queries: Tensor, centres: Tensor, radii: Tensor, memory_budget: int | str | None = None) -> float:
-    """The fraction of queries inside at least one centre's ball."""
+    """The fraction of queries inside at least one centre's ball (radii: the balls' radii)."""
+    return _coverage(queries, centres, radii.square(), memory_budget)
+
+
+def _coverage(queries: Tensor, centres: Tensor, squared_radii: Tensor, memory_budget: int | str | None) -> float:
     rows, columns = distance_blocks(len(queries), len(centres), queries.dtype, memory_budget, queries.device)
+    centre = centres.mean(0)  # the centre the radii were measured about: the same squared distances
     covered = torch.zeros((), dtype=torch.int64, device=queries.device)
     for start in range(0, len(queries), rows):
         block = queries[start:start + rows]
         inside = torch.zeros(len(block), dtype=torch.bool, device=queries.device)
         for column in range(0, len(centres), columns):
-            inside |= (torch.cdist(block, centres[column:column + columns]) <= radii[column:column + columns]).any(1)
+            inside |= (squared_distances(block, centres[column:column + columns], centre)
+                       <= squared_radii[column:column + columns]).any(1)
         covered += inside.sum()
     return covered.item() / len(queries)
 
@@ -116,8 +140,8 @@ def precision_recall(generated: Tensor, real: Tensor, k: int = 3,
     """Precision: generated points inside the real manifold (the union of real k-NN balls); recall: real points
     inside the generated manifold (Kynkaanniemi et al. 2019). In blocks within the memory budget."""
     real = real.to(generated.device, generated.dtype)
-    precision = coverage(generated, real, kth_neighbour_radii(real, k, memory_budget), memory_budget)
-    recall = coverage(real, generated, kth_neighbour_radii(generated, k, memory_budget), memory_budget)
+    precision = _coverage(generated, real, _squared_radii(real, k, memory_budget), memory_budget)
+    recall = _coverage(real, generated, _squared_radii(generated, k, memory_budget), memory_budget)
     return precision, recall
 
 
