@@ -183,3 +183,74 @@ def test_statistics_and_rms_in_blocks_equal_one_block():
     assert root_mean_square_difference(features.float(), other, "20kB") == pytest.approx(
         (features.float().double() - other).pow(2).mean().sqrt().item(), rel=1e-12)
     assert root_mean_square_difference(features, other, "1GB") == pytest.approx(direct, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- bad budgets
+
+@pytest.mark.parametrize("given", ["-1", "0", "12 parsecs"])
+def test_a_bad_budget_is_refused_before_any_call(gmm2d, monkeypatch, given):
+    recording = Recording(gmm2d)
+    with pytest.raises(BenchError, match=f"memory_budget {given!r} is not a size|memory_budget must be positive"):
+        bench.sample(recording, "euler", nfe=3, n=10, memory_budget=given)
+    monkeypatch.setenv(BUDGET_ENV, given)
+    with pytest.raises(BenchError, match=BUDGET_ENV):
+        bench.sample(recording, "euler", nfe=3, n=10)
+    assert recording.calls == []
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+MIXED_SUITE = """
+name = "mixed"
+device = "cpu"
+n = 32
+seeds = [0]
+nfe = [3]
+metrics = ["trajectory_error"]
+
+[[models]]
+name = "gmm2d"
+
+[[models]]
+name = "gmm-image"
+
+[[solvers]]
+name = "euler"
+"""
+
+
+def test_the_runner_records_a_cell_over_the_budget_as_failed_without_drawing_it(tmp_path, monkeypatch):
+    import bench.sweep.executors
+    from bench.sweep.runner import run_suite
+    from bench.sweep.store import read_results
+    from bench.sweep.suite import load_suite
+    from helpers import write_suite
+
+    drawn = []
+    draw = bench.sweep.executors.draw
+    monkeypatch.setattr(bench.sweep.executors, "draw", lambda cell, *rest: drawn.append(cell.model.name)
+                        or draw(cell, *rest))
+    # gmm-image keeps 197 kB of x and x_T (float32) and 197 kB of reference solution (float64): over the 3/4 of
+    # 450 kB that the metrics' blocks leave; gmm2d keeps under 2 kB
+    monkeypatch.setenv(BUDGET_ENV, "450kB")
+    summary = run_suite(load_suite(write_suite(tmp_path, MIXED_SUITE)), tmp_path / "results", progress=False)
+    assert (summary.done, summary.failed) == (1, 1) and drawn == ["gmm2d"]
+    rows = read_results(tmp_path / "results" / "mixed.sqlite").set_index("model")
+    assert rows.loc["gmm2d", "status"] == "done" and rows.loc["gmm2d", "trajectory_error"] > 0
+    assert rows.loc["gmm-image", "status"] == "failed"
+    error = rows.loc["gmm-image", "error"]
+    assert error.startswith("BenchError: cell gmm-image euler karras nfe=3 seed=0 on cpu at n = 32 keeps 393 kB")
+    assert "x and x_T 197 kB + the reference solution 197 kB" in error
+    assert f"memory budget of 450 kB ({BUDGET_ENV}=450kB)" in error
+    assert "lower n below 27" in error and f"{BUDGET_ENV}=1MB" in error  # 393 kB / (3/4) with a tenth to spare
+
+
+def test_a_malformed_budget_stops_the_suite_before_its_store_exists(tmp_path, monkeypatch):
+    from bench.sweep.runner import run_suite
+    from bench.sweep.suite import load_suite
+    from helpers import write_suite
+
+    monkeypatch.setenv(BUDGET_ENV, "lots")
+    with pytest.raises(BenchError, match=f"{BUDGET_ENV} 'lots' is not a size"):
+        run_suite(load_suite(write_suite(tmp_path, MIXED_SUITE)), tmp_path / "results", progress=False)
+    assert not (tmp_path / "results" / "mixed.sqlite").exists()
