@@ -88,8 +88,8 @@ def squared_distances(rows: Tensor, columns: Tensor, centre: Tensor) -> Tensor:
     """|a - b|^2 for every row a and column b, as |a - c|^2 + |b - c|^2 - 2 (a - c).(b - c): one matrix product.
     Centring on c (the mean of the set, fixed for all blocks) keeps the cancellation small for data far from 0."""
     rows, columns = rows - centre, columns - centre
-    return torch.addmm(rows.square().sum(1, keepdim=True) + columns.square().sum(1), rows, columns.T,
-                       alpha=-2).clamp_min_(0)
+    squared = rows.square().sum(1, keepdim=True) + columns.square().sum(1)  # the block's one matrix
+    return squared.addmm_(rows, columns.T, alpha=-2).clamp_min_(0)
 
 
 def kth_neighbour_radii(features: Tensor, k: int, memory_budget: int | str | None = None) -> Tensor:
