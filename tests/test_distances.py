@@ -6,8 +6,8 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_part
 
-from bench.measure.distances import (density_coverage, feature_statistics, frechet_distance, kth_neighbour_radii,
-                                     precision_recall)
+from bench.measure.distances import (density_coverage, distance_blocks, feature_statistics, frechet_distance,
+                                     kth_neighbour_radii, precision_recall)
 
 
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -79,11 +79,14 @@ def test_density_coverage_are_prdcs(k, n_generated, n_real, d):
     assert 0 < coverage < 1 and density > 0  # other mixing matrices, other laws: some real balls stay empty
 
 
-def test_density_coverage_in_blocks_are_unblocked():
-    generated, real = correlated_features(1000, 16, 9, shift=0.2), correlated_features(800, 16, 10)
-    whole = density_coverage(generated, real, 5, chunk=10**6)
-    for chunk in (1, 7, 333):
-        assert density_coverage(generated, real, 5, chunk=chunk) == whole  # the same integer counts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_density_coverage_in_blocks_are_one_blocks(dtype):
+    # on a lattice every squared distance is exact in any block shape (lattice_points), so the counts are equal
+    generated, real = lattice_points(64, 4, 7).to(dtype), lattice_points(32, 4, 17).to(dtype)
+    whole = density_coverage(generated, real, 3, memory_budget="1GB")
+    assert 0 < whole[1] < 1 and whole[0] > 0
+    for budget in BUDGETS[:-1]:
+        assert density_coverage(generated, real, 3, memory_budget=budget) == whole, budget
 
 
 def test_density_coverage_by_hand():
@@ -93,3 +96,55 @@ def test_density_coverage_by_hand():
     assert density_coverage(torch.tensor([[0.5], [2.5], [10.0]], dtype=torch.float64), real, 1) == (1.0, 1.0)
     density, coverage = density_coverage(torch.tensor([[0.5], [10.0]], dtype=torch.float64), real, 1)
     assert density == pytest.approx(1.0) and coverage == pytest.approx(2 / 3)
+
+
+def lattice_points(n: int, d: int, seed: int) -> torch.Tensor:
+    """Points with integer coordinates in [-3, 3], n a power of two: the mean (the centre distances are taken
+    about) is a multiple of 1/n, so every difference, square, product and sum behind a squared distance is exact
+    in float32 and float64, whatever the order the matrix product sums in, and a distance has the same bits in
+    any block. Many distances tie, exactly."""
+    assert n & (n - 1) == 0
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (n, d), generator=generator).to(torch.float64)
+
+
+# budgets from one entry per block (1 x 1 blocks: the running k + 1 smallest is merged from one column at a time)
+# through blocks of a few rows x a few columns to the whole matrix in one block
+BUDGETS = ["50B", "600B", "3kB", "20kB", "300kB", "1GB"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_radii_and_coverage_on_a_lattice_are_bit_for_bit_one_blocks(dtype):
+    generated, real = lattice_points(64, 4, 7).to(dtype), lattice_points(32, 4, 17).to(dtype)
+    assert distance_blocks(64, 64, dtype, "50B") == (1, 1)
+    assert distance_blocks(64, 64, dtype, "1GB") == (64, 64)
+    one_radii = kth_neighbour_radii(real, 3, "1GB")
+    one = precision_recall(generated, real, 3, memory_budget="1GB")
+    assert 0 < one[0] < 1 and 0 < one[1] < 1  # neither trivially all nor none: the balls' edges are tested
+    assert len(set(one_radii.tolist())) < len(one_radii) / 2  # ties, exactly
+    for budget in BUDGETS[:-2]:
+        rows, columns = distance_blocks(64, 64, dtype, budget)
+        assert rows * columns < 32 * 64
+        assert torch.equal(kth_neighbour_radii(real, 3, budget), one_radii), budget
+        assert precision_recall(generated, real, 3, memory_budget=budget) == one, budget
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_precision_recall_of_continuous_features_equal_one_block(dtype):
+    """Off a lattice, cdist's matrix product may round a distance differently in another block shape: the
+    squared radii agree to the rounding of |x|^2 + |y|^2 - 2 x.y (a few ulps of the largest squared norm), and
+    precision and recall to a point or two whose distance ties a radius to that rounding."""
+    generated = correlated_features(500, 64, 5, shift=0.05).to(dtype)
+    real = correlated_features(400, 64, 6).to(dtype)
+    one_radii, one = kth_neighbour_radii(real, 3, "1GB"), precision_recall(generated, real, 3, memory_budget="1GB")
+    rounding = 16 * torch.finfo(dtype).eps * real.square().sum(1).max().item()
+    for budget in BUDGETS[3:-1]:
+        blocked = kth_neighbour_radii(real, 3, budget)
+        torch.testing.assert_close(blocked.square(), one_radii.square(), rtol=0, atol=rounding)
+        precision, recall = precision_recall(generated, real, 3, memory_budget=budget)
+        assert abs(precision - one[0]) <= 2 / 500 and abs(recall - one[1]) <= 2 / 400, budget
+
+
+def test_k_nearest_neighbours_need_more_than_k_points():
+    with pytest.raises(ValueError, match="more than k = 3 points; got 3"):
+        kth_neighbour_radii(torch.zeros(3, 2), 3)

@@ -5,7 +5,8 @@ import math
 import torch
 
 import bench
-from bench.measure.reference import ReferenceCache, solve_reference
+from bench.measure import reference as reference_module
+from bench.measure.reference import REFERENCE_TOLERANCE, ReferenceCache, solve_reference
 
 
 def rk4_in_log_sigma(model, x, steps):
@@ -53,3 +54,17 @@ def test_reference_is_cached_in_memory_and_on_disk(gmm2d, tmp_path, monkeypatch)
     # other initial states of the same size (another noise generator, another sample range) are another key
     ReferenceCache(tmp_path).get(gmm2d, "gmm2d", x_T.flip(0), None)
     assert len(calls) == 3
+
+
+def test_the_reference_in_batches_agrees_with_one_solve(gmm2d, monkeypatch):
+    """dopri5 picks its steps per batch, so batching changes the steps, not the accuracy: every batch is solved
+    to the tolerance, and the batched reference stays within 100 x tolerance of one solve over all samples (the
+    bound both meet against a converged RK4 above)."""
+    x_T = bench.sample(gmm2d, "euler", nfe=1, n=300, dtype=torch.float64).x_T
+    labels = torch.arange(300) % 8
+    one = reference_module._solve(gmm2d, x_T, labels, gmm2d.sigma_max, gmm2d.sigma_min, REFERENCE_TOLERANCE)
+    sizes, solve = [], reference_module._solve
+    monkeypatch.setattr(reference_module, "_solve", lambda model, x, *rest: sizes.append(len(x)) or solve(model, x, *rest))
+    batched = solve_reference(gmm2d, x_T, labels, memory_budget="400kB")  # ~1.7 kB a sample: batches of ~60
+    assert len(sizes) >= 4 and sum(sizes) == 300
+    assert (batched - one).abs().max() < 100 * REFERENCE_TOLERANCE

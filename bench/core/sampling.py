@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.core import memory
 from bench.core.denoiser import CountingDenoiser, Denoiser
 from bench.errors import BenchError, unknown_name
 from bench.core.guidance import GUIDANCE_KINDS
@@ -49,7 +50,7 @@ class SampleOutput:
     sigmas: Tensor  # the grid, float64
     labels: Tensor | None  # the class of each sample, or None: unconditional
     stochastic: bool  # whether the solver drew per-step noise (its samples then follow no ODE trajectory)
-    batch_size: int = 0  # the batch actually used (halved from n until it fit, when none was given)
+    batch_size: int = 0  # the batch actually used (the largest within the memory budget, when none was given)
     peak_memory_bytes: int | None = None  # peak device memory while sampling (CUDA only)
     rounds: float = 0  # denoiser calls one after another per batch (= nfe but for parallel samplers), as counted
 
@@ -138,7 +139,8 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
            labels: Tensor | str | None = "none", guidance_type: str = "classifier-free", batch_size: int | None = None,
            device: str | torch.device | None = None, offset: int = 0, precision: str = "fp32",
            cuda_graph: bool = False, schedule_options: dict[str, Any] | None = None, warmup: bool = True,
-           plugins: PluginManager | None = None, fitted: dict[str, Tensor] | None = None,
+           memory_budget: int | str | None = None, plugins: PluginManager | None = None,
+           fitted: dict[str, Tensor] | None = None,
            **solver_options: Any) -> SampleOutput:
     """Sample ``n`` points with ``solver`` under an NFE budget; solver options come as keywords.
 
@@ -158,8 +160,15 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
 
     ``precision`` sets the network's arithmetic ("fp32", "tf32", "bf16" or "fp16" under autocast) while the
     solver's state stays in ``dtype``. ``cuda_graph`` captures a fixed-step solver's whole loop for one batch shape
-    and replays it per batch (identical samples, no launch overhead). Without a ``batch_size``, the batch is all n
-    samples, halved until it fits in device memory.
+    and replays it per batch (identical samples, no launch overhead).
+
+    Memory (bench.core.memory): ``memory_budget`` (bytes or a size such as "4GiB"; default: the environment
+    variable SAMPLERBENCH_MEMORY_BUDGET, else a share of the device's available memory) bounds the samples kept
+    (x and x_T of all n) and one batch's working set. A run whose kept samples alone exceed it is refused before
+    any denoiser call. Without a ``batch_size``, the batch is the largest whose working set, measured on an
+    untimed probe of up to 64 samples (which is also the warm-up, so it runs even with ``warmup=False``), fits
+    beside the kept samples; on CUDA a batch that still runs out of memory is halved until it fits. A given
+    ``batch_size`` is used as given.
 
     ``fitted``: the tensors of the fit of a learned schedule or solver (bench.core.fitting), which it samples with.
     """
@@ -182,6 +191,10 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
         raise BenchError("solver options go to the solver's constructor when the solver is given as an instance")
     if n < 1:
         raise BenchError(f"n must be >= 1; got {n}")
+    budget = memory.memory_budget(device, memory_budget)
+    labelled = isinstance(labels, Tensor) or labels == "balanced"
+    what = f"model {getattr(model, 'name', type(model).__name__)!r} with solver {solver.describe()}"
+    kept = memory.refuse_unless_kept_fit(what, n, model.shape, dtype, budget, labelled)
     labels = resolve_labels(model, labels, n, offset)
     check_conditioning(model, guidance, labels, n)
 
@@ -208,11 +221,11 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     run = _Run(network, solver, plan, sigmas, seed, offset, labels, dtype, device, precision, cuda_graph)
     if batch_size is not None:
         return run.sample(n, batch_size, warmup)
-    batch_size = n
+    batch_size = run.batch_within(n, budget, kept)
     while True:
         try:
-            return run.sample(n, batch_size, warmup)
-        except torch.cuda.OutOfMemoryError:
+            return run.sample(n, batch_size, warmup=False)  # the probe warmed up
+        except torch.cuda.OutOfMemoryError:  # the last resort, when the measured estimate fell short
             if batch_size == 1:
                 raise
             batch_size = (batch_size + 1) // 2
@@ -258,13 +271,17 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         stopwatch = Stopwatch(self.device)
-        samples, initial_states, counts = [], [], []
+        samples = initial_states = None  # all n, filled batch by batch: the kept bytes the budget counts, once
+        counts = []
         for start in range(0, n, batch_size):
-            positions = torch.arange(start, min(start + batch_size, n))
+            stop = min(start + batch_size, n)
+            positions = torch.arange(start, stop)
             x, x_T, counted = graph(positions, stopwatch) if graph else self.batch(positions, stopwatch)
             self.check(x, x_T, counted[0], counted[2])
-            samples.append(x)
-            initial_states.append(x_T)
+            if samples is None:
+                samples, initial_states = x.new_empty((n, *x.shape[1:])), x_T.new_empty((n, *x_T.shape[1:]))
+            samples[start:stop], initial_states[start:stop] = x, x_T
+            del x, x_T  # the next batch's working set takes their place
             counts.append(counted)
         # a fixed-step solver makes the same calls for every batch; an adaptive one's vary with the batch
         nfe = sum(count[0] for count in counts) / len(counts)
@@ -272,10 +289,17 @@ class _Run:
         rounds = sum(count[2] for count in counts) / len(counts)  # a parallel sampler's vary with the batch
         nfe, model_evals, rounds = (int(value) if value.is_integer() else value for value in (nfe, model_evals, rounds))
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return SampleOutput(x=torch.cat(samples), x_T=torch.cat(initial_states), nfe=nfe, model_evals=model_evals,
+        return SampleOutput(x=samples, x_T=initial_states, nfe=nfe, model_evals=model_evals,
                             seconds=stopwatch.seconds(), plan=self.plan, sigmas=self.sigmas, labels=self.labels,
                             stochastic=self.solver.stochastic, batch_size=batch_size, peak_memory_bytes=peak,
                             rounds=rounds)
+
+    def batch_within(self, n: int, budget: memory.Budget, kept: int) -> int:
+        """The largest batch whose working set fits in the budget beside the ``kept`` samples, measured on an
+        untimed probe batch that is also the run's warm-up (bench.core.memory)."""
+        probe = torch.arange(min(n, memory.PROBE_SAMPLES))
+        _, peak = memory.measure_peak(lambda: self.batch(probe), self.device)
+        return memory.probed_batch(n, budget, kept, peak, len(probe), f"sampling with {self.solver.describe()}")
 
     def check(self, x: Tensor, x_T: Tensor, nfe: int, rounds: int) -> None:
         """What the solver returned for one batch is what its contract promises, before anything uses it."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench.core import memory
 from bench.errors import BenchError
 
 INCEPTION_WEIGHTS_ENV = "SAMPLERBENCH_INCEPTION_WEIGHTS"
@@ -26,17 +27,31 @@ INCEPTION = "inception-v3-compat"
 @dataclass
 class FeatureSpace:
     name: str  # part of every cache key of real-data features
-    extract: Callable[[Tensor], Tensor]  # samples -> [n, d] float64 on the CPU
+    extract: Callable[[Tensor], Tensor]  # a batch of samples -> [batch, d] features; one sample's alone
+    dim: int | None = None  # d, where known before extracting (the cell's memory check counts it)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, memory_budget: int | str | None = None) -> Tensor:
+        """[n, d] float64 on the CPU, extracted in batches whose working set (measured on the first one) fits in
+        a measuring stage's share of the memory budget on x's device (bench.core.memory)."""
+        n, probe = len(x), min(len(x), memory.PROBE_SAMPLES)
         with torch.inference_mode():
-            return self.extract(x).to(device="cpu", dtype=torch.float64)
+            first, peak = memory.measure_peak(lambda: self.extract(x[:probe]), x.device)
+            features = torch.empty((n, *first.shape[1:]), dtype=torch.float64)
+            features[:probe] = first
+            del first
+            if n > probe:
+                budget = memory.memory_budget(x.device, memory_budget)
+                batch = memory.probed_batch(n - probe, budget, 0, peak, probe, f"{self.name} features",
+                                            room=budget.working)
+                for start in range(probe, n, batch):
+                    features[start:start + batch] = self.extract(x[start:start + batch])
+        return features
 
 
 def feature_space_for(model, weights_path: str | None = None) -> FeatureSpace:
     if hasattr(model, "features"):
         return FeatureSpace(getattr(model, "feature_space_name", f"{getattr(model, 'name', 'model')}-features"),
-                            model.features)
+                            model.features, getattr(model, "feature_dim", None))
     shape = tuple(model.shape)
     if len(shape) == 3 and shape[0] == 3:
         return inception(weights_path)
@@ -75,4 +90,4 @@ def inception(weights_path: str | None = None, batch_size: int = 64) -> FeatureS
         pieces = [extractor(to_uint8(batch))[0] for batch in x.split(batch_size)]
         return torch.cat(pieces)
 
-    return FeatureSpace(INCEPTION, extract)
+    return FeatureSpace(INCEPTION, extract, dim=2048)

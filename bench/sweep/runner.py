@@ -18,14 +18,15 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from bench.core.sampling import SampleOutput, get_solver, load_model, make_sigmas, model_device
+from bench.core.memory import check_cell, memory_budget
+from bench.core.sampling import DTYPES, SampleOutput, get_solver, load_model, make_sigmas, model_device
 from bench.errors import BenchError, unknown_name
 from bench.measure.features import FeatureSpace, feature_space_for, to_uint8
 from bench.measure.metrics import MetricContext, SharedCache, model_id
@@ -55,11 +56,13 @@ class RunSummary:
 
 @dataclass
 class Prepared:
-    """What the cells of a suite need that the suite file cannot say: the models, loaded once, and their feature
-    spaces (None: a metric that needs one fails its cell with the reason)."""
+    """What the cells of a suite need that the suite file cannot say: the models, loaded once, their feature
+    spaces (None: a metric that needs one fails its cell with the reason), and the cells refused because what
+    they would keep exceeds the memory budget (cell key -> the reason; recorded as failed, never drawn)."""
 
     models: dict[tuple[Component, str], Any]
     feature_spaces: dict[Component, FeatureSpace | None]
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(suite: Suite, plugins: PluginManager) -> Prepared:
@@ -88,7 +91,16 @@ def prepare(suite: Suite, plugins: PluginManager) -> Prepared:
         if what not in checked:
             checked.add(what)
             _check_against_model(cell, steps, models[cell.model, cell.device], plugins)
-    return Prepared(models, feature_spaces)
+    refused = {}
+    memory_budget("cpu")  # a malformed SAMPLERBENCH_MEMORY_BUDGET stops the suite here, not cell by cell
+    for cell in suite.cells:  # the memory budget (bench.core.memory), before anything is drawn
+        model, space = models[cell.model, cell.device], feature_spaces[cell.model]
+        try:
+            check_cell(f"cell {cell.describe()}", cell.n, model.shape, DTYPES[cell.dtype], cell.device, cell.metrics,
+                       feature_dim=space.dim if space is not None else None, labelled=cell.labels != "none")
+        except BenchError as error:
+            refused[cell.key] = _failure(error)
+    return Prepared(models, feature_spaces, refused)
 
 
 def _check_against_model(cell: Cell, steps: int | None, model, plugins: PluginManager) -> None:
@@ -112,9 +124,12 @@ def _check_against_model(cell: Cell, steps: int | None, model, plugins: PluginMa
 def measure(cell: Cell, model, shards: list[SampleOutput], references: ReferenceCache, shared: SharedCache,
             plugins: PluginManager, feature_space: FeatureSpace | None = None) -> dict[str, Any]:
     """The row's measured part from a cell's samples (one shard, or several in sample order). Raises on failure."""
-    x = torch.cat([shard.x.to(shards[0].x.device) for shard in shards])
-    x_T = torch.cat([shard.x_T.to(x.device) for shard in shards])
-    labels = torch.cat([shard.labels for shard in shards]) if shards[0].labels is not None else None
+    if len(shards) == 1:  # no copy: at 10^7 samples x and x_T are what the memory budget counts
+        x, x_T, labels = shards[0].x, shards[0].x_T, shards[0].labels
+    else:
+        x = torch.cat([shard.x.to(shards[0].x.device) for shard in shards])
+        x_T = torch.cat([shard.x_T.to(x.device) for shard in shards])
+        labels = torch.cat([shard.labels for shard in shards]) if shards[0].labels is not None else None
     if len(x) != cell.n:
         raise BenchError(f"the cell drew {len(x)} samples; it asked for {cell.n}")
     if not torch.isfinite(x).all().item():
@@ -279,10 +294,12 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
         pending = [cell for cell in suite.cells if cell.key not in finished or matches(cell, rerun)]
         skipped = len(suite.cells) - len(pending)
         # learned schedules and solvers: each fit once (or from results/fits), before any cell that uses it
-        fits = fit_cells(pending, prepared.models, plugins, FitCache(out_dir / "fits"), progress=progress)
+        # (not for cells over the memory budget, which are refused below)
+        fits = fit_cells([cell for cell in pending if cell.key not in prepared.refused], prepared.models, plugins, FitCache(out_dir / "fits"), progress=progress)
         pending = [dataclasses.replace(cell, fit=(str(out_dir / "fits" / fits[cell.key].entry["file"]),
                                                   fits[cell.key].entry["sha256"])) if cell.key in fits else cell
                    for cell in pending]
+        bar = tqdm(total=len(pending), desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
 
         def claim(cell: Cell) -> bool:
             nonlocal skipped
@@ -292,12 +309,18 @@ def run_suite(suite: Suite, out_dir: str | Path = "results", *, plugins: PluginM
             skipped += outcome == "done"  # done by another run since this one started
             return outcome == "claimed"
 
-        if executor == "local":
-            draws = local_draws(pending, prepared.models, plugins, claim, timeout)
-        else:
-            draws = ray_draws(pending, plugins, claim, timeout, shards, address=ray_address, workers=ray_workers)
-        bar = tqdm(total=len(pending), desc=suite.name, unit="cell", disable=not progress, file=sys.stderr)
         try:
+            for cell in [cell for cell in pending if cell.key in prepared.refused]:  # over the memory budget
+                if claim(cell):
+                    store.write(schema.row(cell, environments.setdefault(cell.device, environment(cell.device)),
+                                           error=prepared.refused[cell.key]), claimant=claimant)
+                    failed += 1
+                    bar.update()
+            pending = [cell for cell in pending if cell.key not in prepared.refused]
+            if executor == "local":
+                draws = local_draws(pending, prepared.models, plugins, claim, timeout)
+            else:
+                draws = ray_draws(pending, plugins, claim, timeout, shards, address=ray_address, workers=ray_workers)
             for drawn in draws:
                 cell = drawn.cell
                 bar.set_postfix_str(cell.describe(), refresh=False)
