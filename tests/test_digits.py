@@ -33,13 +33,7 @@ from plugins.digits.weights import CLASSIFIER_NAME, MODEL_NAME, RECIPE
 CLASS_ACCURACY_THRESHOLD = 0.95
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run many times slower with two threads when other jobs share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_THREAD = True  # conftest.py: small convolutions run many times slower on two shared threads
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from plugins.digits.students import STUDENT_STEPS, load_student, progressive, st
 from plugins.digits.weights import CLASSIFIER_NAME, MODEL_NAME
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_THREAD = True  # conftest.py: small convolutions run many times slower on two shared threads
 
 
 @pytest.fixture(scope="module")
