@@ -166,9 +166,9 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     variable SAMPLERBENCH_MEMORY_BUDGET, else a share of the device's available memory) bounds the samples kept
     (x and x_T of all n) and one batch's working set. A run whose kept samples alone exceed it is refused before
     any denoiser call. Without a ``batch_size``, the batch is the largest whose working set, measured on an
-    untimed probe of up to 64 samples (which is also the warm-up, so it runs even with ``warmup=False``), fits
-    beside the kept samples; on CUDA a batch that still runs out of memory is halved until it fits. A given
-    ``batch_size`` is used as given.
+    untimed probe of 64 samples (which is also the warm-up, so it runs even with ``warmup=False``), fits beside
+    the kept samples (n <= 64: one batch of n, no probe); on CUDA a batch that still runs out of memory is halved
+    until it fits. A given ``batch_size`` is used as given.
 
     ``fitted``: the tensors of the fit of a learned schedule or solver (bench.core.fitting), which it samples with.
     """
@@ -221,6 +221,8 @@ def sample(model: Denoiser | str, solver: str | Solver, *, nfe: int | None = Non
     run = _Run(network, solver, plan, sigmas, seed, offset, labels, dtype, device, precision, cuda_graph)
     if batch_size is not None:
         return run.sample(n, batch_size, warmup)
+    if n <= memory.PROBE_SAMPLES:  # the probe would be the whole run: run it once, as asked (warm-up or not)
+        return run.sample(n, n, warmup)
     batch_size = run.batch_within(n, budget, kept)
     while True:
         try:
