@@ -162,9 +162,13 @@ def test_claims_share_the_work_and_a_dead_claimant_is_taken_over(tmp_path):
 
 RUN_SCRIPT = """
 import sys, time
+from pathlib import Path
 import bench.core.sampling as sampling
 real = sampling.sample
+calls = []
 def slow(*args, **kwargs):
+    calls.append(1)
+    (Path({markers!r}) / f"sampling-{{len(calls)}}").touch()  # the test knows which cell is in flight
     time.sleep({delay})
     return real(*args, **kwargs)
 sampling.sample = slow
@@ -176,8 +180,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 def launch(tmp_path, suite_path, report: str, delay: float) -> subprocess.Popen:
-    script = tmp_path / "run_slowly.py"
-    script.write_text(textwrap.dedent(RUN_SCRIPT.format(delay=delay)))
+    """A samplerbench run whose every cell sleeps ``delay`` seconds before sampling, after touching
+    tmp_path / "markers-REPORT" / "sampling-K" for its K-th cell."""
+    markers = tmp_path / f"markers-{report}"
+    markers.mkdir()
+    script = tmp_path / f"run_slowly_{report}.py"
+    script.write_text(textwrap.dedent(RUN_SCRIPT.format(delay=delay, markers=str(markers))))
     return subprocess.Popen([sys.executable, str(script), "run", str(suite_path), "--out", str(tmp_path / "out"),
                              "--report", str(tmp_path / report), "--quiet"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -197,21 +205,13 @@ def test_two_concurrent_runs_never_compute_a_cell_twice(tmp_path):
     assert sum(done) == 6 and min(done) >= 1, outputs  # the work was shared, none of it done twice
 
 
-def rows_in(store) -> int:
-    try:
-        return len(read_results(store))
-    except Exception:  # not created yet, or its table not yet
-        return 0
-
-
 def test_ctrl_c_stops_cleanly_writes_the_report_and_exits_130(tmp_path):
     text = SUITE.format(metrics='["frechet_exact"]', solver="euler").replace("nfe = [3]", "nfe = [2, 3, 4, 5, 6]")
-    process = launch(tmp_path, write_suite(tmp_path, text), "r.html", delay=1.5)
-    store = tmp_path / "out" / "robust.sqlite"
+    process = launch(tmp_path, write_suite(tmp_path, text), "r.html", delay=3.0)
+    second_cell = tmp_path / "markers-r.html" / "sampling-2"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not rows_in(store):
-        time.sleep(0.2)  # wait for a first cell: then another one is in flight
-    time.sleep(0.5)
+    while time.monotonic() < deadline and not second_cell.exists():
+        time.sleep(0.05)  # the first cell is stored (cells run one after another) and the second one is in flight
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, (out, err)
