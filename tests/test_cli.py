@@ -56,6 +56,7 @@ def test_list_shows_plugins_sources_and_registrations(capsys):
     assert "metric   fid" in out
 
 
+@pytest.mark.slow  # seconds to a minute on a loaded 2-core machine: `make bench` runs it
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "samplerbench"
     result = subprocess.run([str(script), "list"], capture_output=True, text=True, timeout=120)

@@ -36,6 +36,7 @@ def test_fid_precision_recall_are_torch_fidelitys(gmm2d):
     assert metric("kid")(context) < 0.05
 
 
+@pytest.mark.slow  # seconds to a minute on a loaded 2-core machine: `make bench` runs it
 def test_real_data_scores_as_real(gmm2d):
     real = gmm2d.sample_data(2000, seed=5).float()
     context = context_for(gmm2d, real)

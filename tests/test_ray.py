@@ -62,6 +62,7 @@ def driver_plugins() -> PluginManager:
     return plugins
 
 
+@pytest.mark.slow  # seconds to a minute on a loaded 2-core machine: `make bench` runs it
 def test_ray_rows_equal_local_rows(tmp_path):
     import ray
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import bench
@@ -27,6 +28,7 @@ def rk4_in_log_sigma(model, x, steps):
     return model(x, torch.full((len(x),), model.sigma_min, dtype=x.dtype))
 
 
+@pytest.mark.slow  # seconds to a minute on a loaded 2-core machine: `make bench` runs it
 def test_reference_agrees_with_fine_rk4(gmm2d):
     x_T = bench.sample(gmm2d, "euler", nfe=1, n=64, dtype=torch.float64).x_T
     reference = solve_reference(gmm2d, x_T)

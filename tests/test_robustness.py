@@ -191,6 +191,7 @@ def launch(tmp_path, suite_path, report: str, delay: float) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # seconds to a minute on a loaded 2-core machine: `make bench` runs it
 def test_two_concurrent_runs_never_compute_a_cell_twice(tmp_path):
     text = SUITE.format(metrics='["frechet_exact"]', solver="euler").replace("nfe = [3]", "nfe = [2, 3, 4, 5, 6, 7]")
     suite_path = write_suite(tmp_path, text)

@@ -85,6 +85,7 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert len(read_results(tmp_path / "tiny.sqlite")) == 14
 
 
+@pytest.mark.slow  # seconds to a minute on a loaded 2-core machine: `make bench` runs it
 def test_image_models_store_a_sample_grid_per_cell_and_the_report_shows_them(tmp_path):
     from bench.cli import main
     from bench.sweep.store import read_grids
