@@ -161,7 +161,9 @@ def test_claims_share_the_work_and_a_dead_claimant_is_taken_over(tmp_path):
 
 
 RUN_SCRIPT = """
-import sys, time
+import signal, sys, time
+# as a terminal gives it: a test process before us may have left SIGINT ignored (Ray does), and children inherit that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 import bench.core.sampling as sampling
 real = sampling.sample
