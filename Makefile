@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(BIN)/.installed
 LOCK := requirements.lock
 PEERS := requirements-peers.txt
+# the peers the parity tests read as source (requirements-peers.txt is made from this by `make lock`)
+PEER_PINS := k-diffusion==0.1.1.post1
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 
@@ -36,6 +38,12 @@ lock:
 	.venv-lock/bin/pip-compile --quiet --extra test --generate-hashes --strip-extras --allow-unsafe \
 	    --no-emit-index-url --no-emit-find-links --constraint constraints.txt $(if $(UPGRADE),--upgrade) \
 	    --output-file $(LOCK) pyproject.toml
+	rm -rf .venv-lock/peers
+	.venv-lock/bin/pip download --quiet --no-deps --only-binary=:all: -d .venv-lock/peers $(PEER_PINS)
+	{ sed -n '/^#/p' $(PEERS); for pin in $(PEER_PINS); do \
+	    wheel=$$(ls .venv-lock/peers/$$(echo $${pin%%==*} | tr - _)-*.whl); \
+	    printf '%s \\\n    --hash=sha256:%s\n' "$$pin" "$$(sha256sum $$wheel | cut -d' ' -f1)"; done; } > $(PEERS).new
+	mv $(PEERS).new $(PEERS)
 
 run: $(STAMP)
 	$(BIN)/samplerbench run bench/suites/quick.toml --out results/ --report reports/quick.html
