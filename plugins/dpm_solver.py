@@ -172,17 +172,6 @@ class DPMSolverSinglestep(SinglestepSolver):
         method: str = option("singlestep", choices=("singlestep",))
         intermediates: str = option("lambda", choices=INTERMEDIATES)
 
-    @property
-    def order(self) -> int:
-        return self.config.order
-
-    @property
-    def order_note(self) -> str:
-        if self.config.order == 3:
-            return ("budgets of 3K + 2 calls end [..., 3, 1, 1] (diffusers' allocation): their first-order step to "
-                    "sigma_min caps those at 2")
-        return ""
-
     def sample(self, denoise: Denoise, x: Tensor, sigmas: Tensor, plan: Plan, noise: Noise | None = None) -> Tensor:
         for order, sigma, sigma_next, r1, r2 in self.intervals(sigmas, plan):
             if sigma_next == 0:

@@ -110,6 +110,17 @@ class SinglestepSolver(Solver):
     inner points between grid sigmas) or of one sigma per call (anything else). Subclasses declare the options
     ``order`` and ``intermediates``."""
 
+    @property
+    def order(self) -> int:
+        return self.config.order
+
+    @property
+    def order_note(self) -> str:
+        if self.config.order == 3:
+            return ("budgets of 3K + 2 calls end [..., 3, 1, 1] (diffusers' allocation): their first-order step to "
+                    "sigma_min caps those at 2")
+        return ""
+
     def nfe_for_steps(self, steps: int) -> int:
         """Grid intermediates: one call per interval of the grid. Lambda intermediates: the most a plan of
         ``steps`` steps can spend, [order] * (steps - 1) + [1]."""
